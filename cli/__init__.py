@@ -1,0 +1,1 @@
+"""The typer command-line app (thin: parses, loads config, calls the library)."""

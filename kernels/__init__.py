@@ -1,0 +1,1 @@
+"""Segment-masked attention: reference path, dispatch and (later) Triton kernels."""

@@ -1,0 +1,21 @@
+"""User-facing errors: each message names the thing that is wrong and how to fix it (the CLI prints it in one line)."""
+
+
+class LatentkitError(Exception):
+    """Base class of every error caused by user input rather than by a bug."""
+
+
+class ConfigError(LatentkitError):
+    """A config file, key, value or command-line override is invalid."""
+
+
+class DataError(LatentkitError):
+    """A dataset path, record or field is missing or malformed."""
+
+
+class RegistryError(LatentkitError):
+    """An unknown or duplicate method name."""
+
+
+class CheckpointError(LatentkitError):
+    """A checkpoint or run directory is missing, incomplete or from another method."""

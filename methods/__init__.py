@@ -1,0 +1,1 @@
+"""Built-in methods; each sub-package registers itself with latentkit.registry."""
