@@ -1,0 +1,23 @@
+"""Text-only causal LMs (Qwen2/Qwen3/Llama-style) through AutoModelForCausalLM."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from latentkit.backbone.base import Backbone
+
+
+class CausalLMBackbone(Backbone):
+    family: ClassVar[str] = "causal_lm"
+
+    def _base(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def decoder(self) -> nn.Module:
+        return self._base().model
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        decoder = self.decoder()
+        return {"embeddings": decoder.embed_tokens, "language_model": decoder, "lm_head": self._base().lm_head}

@@ -1,0 +1,28 @@
+"""Optional LoRA through peft, and saving a (possibly LoRA-wrapped) model in plain HF format."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
+    return get_peft_model(model, config)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_model(model: nn.Module, path: Path) -> None:
+    """Plain HF weights: a LoRA model is merged in a copy (the live model keeps training bit-exactly)."""
+    if is_lora(model):
+        model.save_pretrained(path / "adapter")
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,108 @@
+"""Qwen2.5-VL and Qwen2-VL adapters: real transformers classes, images through the vision tower, 3-D M-RoPE."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from latentkit.backbone.base import Backbone, ImageInput
+from latentkit.kernels.dispatch import AttentionBackend
+from latentkit.kernels.hf import ATTN_IMPLEMENTATION
+
+
+def mrope_position_ids(
+    input_ids: torch.Tensor, image_token_id: int, image_grids: list[tuple[int, int, int]], merge_size: int
+) -> torch.Tensor:
+    """[3, N] (temporal, height, width) positions of one sequence, as Qwen-VL's get_rope_index for still images.
+
+    Text advances all three by one per token; an image block of merged grid (t, h, w) starting at position p
+    gets (p + t_i, p + h_i, p + w_i), and the text after it continues at p + max(t, h, w).
+    """
+    is_image = (input_ids == image_token_id).tolist()
+    positions = torch.empty(3, len(is_image), dtype=torch.long)
+    grids = iter(image_grids)
+    index, next_position = 0, 0
+    while index < len(is_image):
+        if not is_image[index]:
+            positions[:, index] = next_position
+            index, next_position = index + 1, next_position + 1
+            continue
+        t, h, w = next(grids)
+        h, w = h // merge_size, w // merge_size
+        count = t * h * w
+        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        positions[:, index : index + count] = grid.reshape(3, count) + next_position
+        index, next_position = index + count, next_position + max(t, h, w)
+    return positions
+
+
+class QwenVLBackbone(Backbone):
+    family: ClassVar[str] = "qwen2_5_vl"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Qwen2VLImageProcessorPil,
+        attn_backend: AttentionBackend,
+    ):
+        self.image_processor = image_processor
+        super().__init__(model, tokenizer, attn_backend)
+        self.image_token_id = self.token_id(self.chat.image_pad)
+
+    def _base(self) -> nn.Module:
+        """The HF *ForConditionalGeneration model, under a LoRA wrapper if there is one."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def decoder(self) -> nn.Module:
+        return self._base().model.language_model
+
+    def vision(self) -> nn.Module:
+        return self._base().model.visual
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        decoder = self.decoder()
+        return {
+            "vision": self.vision(),
+            "embeddings": decoder.embed_tokens,
+            "language_model": decoder,
+            "lm_head": self._base().lm_head,
+        }
+
+    def _use_latentkit_attention(self) -> None:
+        # The vision tower keeps its own attention (no latent structure inside an image).
+        self.model.set_attn_implementation({"text_config": ATTN_IMPLEMENTATION, "vision_config": "sdpa"})
+
+    @property
+    def supports_images(self) -> bool:
+        return True
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.vision().spatial_merge_size)
+
+    def preprocess_image(self, image: Image.Image) -> ImageInput:
+        out = self.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+        t, h, w = (int(x) for x in out["image_grid_thw"][0])
+        return ImageInput(out["pixel_values"], (t, h, w), t * h * w // self.merge_size**2)
+
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """All images' embeddings in LM space, concatenated in order: [sum of image tokens, D]."""
+        vision = self.vision()
+        return vision(pixel_values.to(vision.dtype), grid_thw=grid_thw).pooler_output
+
+    def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        return mrope_position_ids(input_ids, self.image_token_id, image_grids, self.merge_size)
+
+    def save(self, path) -> None:
+        super().save(path)
+        self.image_processor.save_pretrained(path)
+
+
+class Qwen2VLBackbone(QwenVLBackbone):
+    family: ClassVar[str] = "qwen2_vl"

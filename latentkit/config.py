@@ -1,0 +1,197 @@
+"""Run configuration: pydantic models, YAML files and dotted `key=value` overrides (CLI > YAML > defaults).
+
+Unknown keys are errors that name the closest valid key; the resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from latentkit.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are rejected, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunSection(StrictModel):
+    method: str = "sft"
+    name: str | None = None  # default: "<method>-<preset or model dir name>"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+
+
+class LoraSection(StrictModel):
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class ModelSection(StrictModel):
+    preset: str | None = "tiny-qwen2.5-vl"
+    path: Path | None = None  # a local HF-format checkpoint directory; takes precedence over `preset`
+    family: Literal["qwen2_5_vl", "qwen2_vl", "causal_lm"] | None = None  # inferred from config.json when None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_backend: Literal["sdpa"] = "sdpa"
+    gradient_checkpointing: bool = False
+    image_min_pixels: int = Field(28 * 28, gt=0)
+    image_max_pixels: int = Field(112 * 112, gt=0)
+    lora: LoraSection = LoraSection()
+
+
+class SynthSection(StrictModel):
+    n_train: int = Field(512, gt=0)
+    n_val: int = Field(32, ge=0)
+    n_test: int = Field(64, ge=0)
+    seed: int = 0
+    variant: Literal["open", "mc"] = "open"
+
+
+class DataSection(StrictModel):
+    path: Path | None = None  # None: the embedded synthetic task, generated into the run directory
+    task: Literal["synth-zoom"] = "synth-zoom"
+    split: str = "train"
+    synth: SynthSection = SynthSection()
+    on_bad_record: Literal["error", "skip"] = "error"
+    max_length: int = Field(2048, gt=8)
+    limit: int | None = Field(None, gt=0)
+
+
+class WandbSection(StrictModel):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "latentkit"
+
+
+class TrainSection(StrictModel):
+    stage: str | None = None  # run only this stage (its predecessors' outputs must exist in the run directory)
+    steps: int = Field(120, gt=0)  # optimizer steps per stage
+    batch_size: int = Field(8, gt=0)  # per process, per micro-step
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    module_lr: dict[str, float] = {}  # module group (vision, embeddings, language_model, lm_head, method) -> lr
+    freeze: list[str] = ["vision"]
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(5, gt=0)
+    num_workers: int = Field(0, ge=0)
+    progress: bool = True
+    wandb: WandbSection = WandbSection()
+
+
+class LatentkitConfig(StrictModel):
+    """The whole run config; `method` is replaced by the chosen method's own Config model."""
+
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    method: StrictModel = StrictModel()
+
+
+def config_model_for(method_config: type[BaseModel]) -> type[LatentkitConfig]:
+    """The run-config model whose `method:` section is `method_config`."""
+    return type(
+        f"LatentkitConfig_{method_config.__name__}",
+        (LatentkitConfig,),
+        {"__annotations__": {"method": method_config}, "method": Field(default_factory=method_config)},
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML, so numbers, booleans and lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.lr=1e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (pass an existing YAML file, e.g. configs/sft/tiny.yaml)")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (run, model, data, train, method)")
+    return loaded
+
+
+def apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def check_keys(model: type[BaseModel], raw: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Reject unknown keys anywhere in `raw`, suggesting the closest valid dotted key."""
+    fields = model.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys here: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key {dotted!r} in {where}: {hint}")
+        annotation = fields[key].annotation
+        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            check_keys(annotation, value, where, f"{dotted}.")
+
+
+def _one_line(exc: ValidationError, where: str) -> str:
+    problem = exc.errors()[0]
+    location = ".".join(str(part) for part in problem["loc"])
+    return f"invalid config value for {location!r} in {where}: {problem['msg']}"
+
+
+def build_config(
+    method_config: type[BaseModel], raw: dict[str, Any], where: str = "the config"
+) -> LatentkitConfig:
+    model = config_model_for(method_config)
+    check_keys(model, raw, where)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, where)) from exc
+
+
+def raw_config(config_file: Path | None, overrides: list[str]) -> tuple[dict[str, Any], str]:
+    """Merge YAML and overrides into one raw mapping; also return a description of where it came from."""
+    raw = read_yaml(config_file) if config_file is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+    sources = [str(config_file)] if config_file is not None else []
+    if overrides:
+        sources.append("command-line overrides")
+    return raw, " + ".join(sources) or "the defaults"
+
+
+def save_config(config: LatentkitConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,200 @@
+"""Layouts: one sample as tokens, each carrying its segment kind and index, labels and loss weights, image
+and latent slots and position ids; and `Batch`, the right-padded collation of layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import IntEnum
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from latentkit.backbone import Backbone, ImageInput
+from latentkit.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+class Kind(IntEnum):
+    """Per-token segment kind; masks, labels, weights and diagnostics are computed from it."""
+
+    PAD = -1
+    TEXT = 0
+    IMAGE = 1
+    AUX_IMAGE = 2
+    LATENT = 3
+    OBSERVATION = 4
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    image: ImageInput
+    kind: Kind  # IMAGE or AUX_IMAGE
+    start: int  # first image token (after the vision-start token)
+    end: int  # one past the last image token
+    segment_index: int
+
+
+@dataclass(frozen=True)
+class LatentSlot:
+    start: int  # the start token
+    end: int  # the end token; the K slots are (start, end)
+    segment_index: int
+
+
+@dataclass
+class Layout:
+    sample_id: str
+    input_ids: torch.Tensor  # long [N]
+    kinds: torch.Tensor  # int8 [N], Kind values
+    segment_index: torch.Tensor  # int32 [N]
+    labels: torch.Tensor  # long [N]: the token's own id where it is a training target, else IGNORE_INDEX
+    loss_weight: torch.Tensor  # float [N]
+    position_ids: torch.Tensor  # long [N] or [3, N]
+    images: list[ImageSlot]
+    latents: list[LatentSlot]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class LayoutBuilder:
+    """Appends tokens of typed segments; `build` computes position ids through the backbone."""
+
+    backbone: Backbone
+    max_length: int
+    ids: list[int] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    images: list[ImageSlot] = field(default_factory=list)
+    latents: list[LatentSlot] = field(default_factory=list)
+
+    def add_ids(self, ids: list[int], kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+        self.ids.extend(ids)
+        self.kinds.extend([int(kind)] * len(ids))
+        self.segments.extend([segment_index] * len(ids))
+        self.labels.extend(ids if train else [IGNORE_INDEX] * len(ids))
+        self.weights.extend([weight if train else 0.0] * len(ids))
+
+    def add_text(self, text: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+        self.add_ids(self.backbone.encode_text(text), kind, segment_index, train, weight)
+
+    def add_token(self, token: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+        self.add_ids([self.backbone.token_id(token)], kind, segment_index, train, weight)
+
+    def add_image(self, path: Path, kind: Kind, segment_index: int) -> None:
+        """vision-start, one placeholder per merged patch, vision-end; image tokens are never targets."""
+        try:
+            with Image.open(path) as image:
+                processed = self.backbone.preprocess_image(image)
+        except OSError as exc:
+            raise DataError(f"image {path} cannot be read ({exc}); fix or remove the file") from exc
+        chat = self.backbone.chat
+        self.add_token(chat.vision_start, kind, segment_index)
+        start = len(self.ids)
+        self.add_ids([self.backbone.token_id(chat.image_pad)] * processed.num_tokens, kind, segment_index)
+        self.images.append(ImageSlot(processed, kind, start, len(self.ids), segment_index))
+        self.add_token(chat.vision_end, kind, segment_index)
+
+    def add_latent(self, start_token: str, slot_token: str, end_token: str, k: int, segment_index: int) -> None:
+        """start token, K latent slots (filled later through inputs_embeds), end token."""
+        start = len(self.ids)
+        self.add_token(start_token, Kind.LATENT, segment_index)
+        self.add_ids([self.backbone.token_id(slot_token)] * k, Kind.LATENT, segment_index)
+        self.add_token(end_token, Kind.LATENT, segment_index)
+        self.latents.append(LatentSlot(start, len(self.ids) - 1, segment_index))
+
+    def build(self, sample_id: str) -> Layout:
+        if len(self.ids) > self.max_length:
+            raise DataError(
+                f"sample {sample_id}: {len(self.ids)} tokens exceed data.max_length={self.max_length} "
+                "(raise data.max_length or lower model.image_max_pixels)"
+            )
+        input_ids = torch.tensor(self.ids, dtype=torch.long)
+        return Layout(
+            sample_id=sample_id,
+            input_ids=input_ids,
+            kinds=torch.tensor(self.kinds, dtype=torch.int8),
+            segment_index=torch.tensor(self.segments, dtype=torch.int32),
+            labels=torch.tensor(self.labels, dtype=torch.long),
+            loss_weight=torch.tensor(self.weights, dtype=torch.float32),
+            position_ids=self.backbone.position_ids(input_ids, [slot.image.grid_thw for slot in self.images]),
+            images=list(self.images),
+            latents=list(self.latents),
+        )
+
+
+@dataclass
+class Batch:
+    sample_ids: list[str]
+    input_ids: torch.Tensor  # [B, N], right-padded
+    kinds: torch.Tensor  # [B, N], Kind.PAD on padding
+    segment_index: torch.Tensor  # [B, N]
+    labels: torch.Tensor  # [B, N]
+    loss_weight: torch.Tensor  # [B, N]
+    valid: torch.Tensor  # bool [B, N]: real tokens
+    position_ids: torch.Tensor  # [B, N] or [3, B, N]
+    pixel_values: torch.Tensor | None  # all images' patches, in (sample, position) order
+    image_grid_thw: torch.Tensor | None  # [num_images, 3]
+    layouts: list[Layout]
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {
+            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def collate(layouts: list[Layout], pad_id: int) -> Batch:
+    size, length = len(layouts), max(len(layout) for layout in layouts)
+
+    def padded(name: str, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.full((size, length), value, dtype=dtype)
+        for row, layout in enumerate(layouts):
+            out[row, : len(layout)] = getattr(layout, name)
+        return out
+
+    first_positions = layouts[0].position_ids
+    position_ids = torch.zeros((*first_positions.shape[:-1], size, length), dtype=torch.long)
+    for row, layout in enumerate(layouts):
+        position_ids[..., row, : len(layout)] = layout.position_ids
+    valid = torch.zeros(size, length, dtype=torch.bool)
+    for row, layout in enumerate(layouts):
+        valid[row, : len(layout)] = True
+    images = [slot.image for layout in layouts for slot in layout.images]
+    return Batch(
+        sample_ids=[layout.sample_id for layout in layouts],
+        input_ids=padded("input_ids", pad_id, torch.long),
+        kinds=padded("kinds", int(Kind.PAD), torch.int8),
+        segment_index=padded("segment_index", -1, torch.int32),
+        labels=padded("labels", IGNORE_INDEX, torch.long),
+        loss_weight=padded("loss_weight", 0.0, torch.float32),
+        valid=valid,
+        position_ids=position_ids,
+        pixel_values=torch.cat([image.pixel_values for image in images]) if images else None,
+        image_grid_thw=torch.tensor([image.grid_thw for image in images]) if images else None,
+        layouts=layouts,
+    )
+
+
+def inputs_embeds(backbone: Backbone, batch: Batch) -> torch.Tensor:
+    """Token embeddings with every image's vision-tower output written into its placeholder positions."""
+    embeds = backbone.embed(batch.input_ids)
+    if batch.pixel_values is None:
+        return embeds
+    image_positions = torch.zeros_like(batch.valid)
+    for row, layout in enumerate(batch.layouts):
+        for slot in layout.images:
+            image_positions[row, slot.start : slot.end] = True
+    image_embeds = backbone.encode_images(batch.pixel_values, batch.image_grid_thw)
+    return embeds.masked_scatter(image_positions.unsqueeze(-1), image_embeds.to(embeds.dtype))
