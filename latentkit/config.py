@@ -62,6 +62,8 @@ class DataSection(StrictModel):
     split: str = "train"
     synth: SynthSection = SynthSection()
     on_bad_record: Literal["error", "skip"] = "error"
+    latent_marker: str = "<abs_vis_token></abs_vis_token>"
+    require_observation_after_aux: bool = True
     max_length: int = Field(2048, gt=8)
     limit: int | None = Field(None, gt=0)
 

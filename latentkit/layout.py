@@ -65,7 +65,6 @@ class LayoutBuilder:
     """Appends tokens of typed segments; `build` computes position ids through the backbone."""
 
     backbone: Backbone
-    max_length: int
     ids: list[int] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     segments: list[int] = field(default_factory=list)
@@ -110,11 +109,6 @@ class LayoutBuilder:
         self.latents.append(LatentSlot(start, len(self.ids) - 1, segment_index))
 
     def build(self, sample_id: str) -> Layout:
-        if len(self.ids) > self.max_length:
-            raise DataError(
-                f"sample {sample_id}: {len(self.ids)} tokens exceed data.max_length={self.max_length} "
-                "(raise data.max_length or lower model.image_max_pixels)"
-            )
         input_ids = torch.tensor(self.ids, dtype=torch.long)
         return Layout(
             sample_id=sample_id,

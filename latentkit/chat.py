@@ -1,0 +1,79 @@
+"""Rendering a `Sample` into a `LayoutBuilder` in the backbone's chat format (ChatML), segment by segment.
+
+What happens at an auxiliary image is the method's choice (`on_aux_image`): inline it (SFT, Monet stage 1),
+replace it by a latent block (Monet stages 2-3), or drop it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from latentkit.layout import Kind, LayoutBuilder
+from latentkit.segments import Sample, Segment
+
+AuxImageHandler = Callable[[LayoutBuilder, Segment, int], None]
+
+
+def inline_aux_image(builder: LayoutBuilder, segment: Segment, segment_index: int) -> None:
+    assert segment.image is not None
+    builder.add_image(segment.image, Kind.AUX_IMAGE, segment_index)
+
+
+def drop_aux_image(builder: LayoutBuilder, segment: Segment, segment_index: int) -> None:
+    """The reasoning goes on in text without looking closer (the no-auxiliary-image baseline)."""
+
+
+@dataclass(frozen=True)
+class ResponseWeights:
+    """Loss weights of assistant tokens; observation tags are not targets unless asked (specs/monet.md stage 1)."""
+
+    observation: float = 1.0
+    observation_tags: tuple[str, str] = ("<observation>", "</observation>")
+    train_observation_tags: bool = False
+
+
+def render_chat(
+    builder: LayoutBuilder,
+    sample: Sample,
+    on_aux_image: AuxImageHandler,
+    weights: ResponseWeights,
+    prompt_only: bool = False,
+) -> None:
+    """Append the conversation; with `prompt_only`, stop after the assistant header (for generation)."""
+    chat = builder.backbone.chat
+    open_tag, close_tag = weights.observation_tags
+    role = None
+    for index, segment in enumerate(sample.segments):
+        if segment.role != role:
+            if role is not None:
+                _close_turn(builder, role, index)
+            role = segment.role
+            builder.add_token(chat.im_start, Kind.TEXT, index)
+            builder.add_text(f"{role}\n", Kind.TEXT, index)
+            if prompt_only and role == "assistant":
+                return
+        train = role == "assistant"
+        if segment.kind == "text":
+            builder.add_text(segment.text, Kind.TEXT, index, train=train)
+        elif segment.kind == "observation":
+            tags_trained = train and weights.train_observation_tags
+            builder.add_token(open_tag, Kind.OBSERVATION, index, train=tags_trained)
+            builder.add_text(segment.text, Kind.OBSERVATION, index, train=train, weight=weights.observation)
+            builder.add_token(close_tag, Kind.OBSERVATION, index, train=tags_trained)
+        elif segment.kind == "image":
+            assert segment.image is not None
+            builder.add_image(segment.image, Kind.IMAGE, index)
+        else:
+            on_aux_image(builder, segment, index)
+    if role is not None:
+        _close_turn(builder, role, len(sample.segments))
+    if prompt_only:
+        builder.add_token(chat.im_start, Kind.TEXT, len(sample.segments))
+        builder.add_text("assistant\n", Kind.TEXT, len(sample.segments))
+
+
+def _close_turn(builder: LayoutBuilder, role: str, index: int) -> None:
+    # The assistant learns to end its turn; the newline after the end marker is formatting only.
+    builder.add_token(builder.backbone.chat.im_end, Kind.TEXT, index, train=role == "assistant")
+    builder.add_text("\n", Kind.TEXT, index)

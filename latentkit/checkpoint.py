@@ -1,0 +1,115 @@
+"""Checkpoints (atomic, exact resume) and stage outputs (HF format + method modules, safetensors only for weights)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from latentkit.backbone import Backbone
+from latentkit.errors import CheckpointError
+from latentkit.registry import Method
+
+STATE_FILE = "trainer_state.json"
+METHOD_FILE = "latentkit_method.json"
+METHOD_MODULES_FILE = "method_modules.safetensors"
+
+
+def checkpoint_dir(stage_dir: Path, step: int) -> Path:
+    return stage_dir / "checkpoints" / f"step-{step:08d}"
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temp dirs of an interrupted save are never complete)."""
+    found = sorted((stage_dir / "checkpoints").glob("step-*"))
+    complete = [path for path in found if (path / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(stage_dir: Path, step: int, accelerator: Any, module: nn.Module, optimizer, scheduler) -> Path:
+    """Every process writes its RNG state into a temp dir; the main process adds the rest and renames it."""
+    final = checkpoint_dir(stage_dir, step)
+    staging = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "num_processes": accelerator.num_processes}
+        (staging / STATE_FILE).write_text(json.dumps(state) + "\n")
+        staging.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimizer, scheduler) -> int:
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["num_processes"] != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} was written by {state['num_processes']} processes; resume it with the same number "
+            f"(got {accelerator.num_processes}) so the data order stays the same"
+        )
+    load_model(accelerator.unwrap_model(module), str(path / "model.safetensors"), device=str(accelerator.device))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
+    return int(state["step"])
+
+
+def prune_checkpoints(stage_dir: Path, keep: int) -> None:
+    complete = sorted(p for p in (stage_dir / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+
+
+def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> None:
+    """A stage's output: HF-format backbone plus the method's own modules, written atomically."""
+    staging = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    backbone.save(staging)
+    if len(list(method.modules.parameters())) > 0:
+        save_file({k: v.contiguous() for k, v in method.modules.state_dict().items()}, str(staging / METHOD_MODULES_FILE))
+    (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def load_final_weights(module: nn.Module, final_dir: Path) -> None:
+    """Start a stage from an earlier stage's final weights (e.g. Monet stage 3 from stage 1)."""
+    if not (final_dir / METHOD_FILE).is_file():
+        raise CheckpointError(f"{final_dir} is missing: run the stage that writes it first (train.stage=...)")
+    target = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
+    # from_pretrained undoes any key renaming save_pretrained applied; then copy into the live model.
+    saved = type(target).from_pretrained(final_dir, local_files_only=True, dtype=target.dtype)
+    target.load_state_dict(saved.state_dict())
+    if (final_dir / METHOD_MODULES_FILE).is_file():
+        module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))

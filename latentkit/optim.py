@@ -1,0 +1,78 @@
+"""Freezing, per-module learning rates, AdamW and warmup + linear/cosine schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from latentkit.backbone import Backbone
+from latentkit.config import TrainSection
+from latentkit.errors import ConfigError
+from latentkit.registry import Method
+
+# More specific groups first: "language_model" also contains the embeddings.
+GROUP_ORDER = ("vision", "embeddings", "lm_head", "method", "language_model")
+
+
+def module_groups(backbone: Backbone, method: Method) -> dict[str, nn.Module]:
+    return {**backbone.module_groups(), "method": method.modules}
+
+
+def freeze_and_group(
+    backbone: Backbone, method: Method, freeze: list[str], module_lr: dict[str, float]
+) -> dict[str, list[nn.Parameter]]:
+    """Freeze the named groups; return trainable parameters by group (each parameter in exactly one)."""
+    groups = module_groups(backbone, method)
+    for name in [*freeze, *module_lr]:
+        if name not in groups:
+            raise ConfigError(f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}")
+    owner: dict[int, str] = {}
+    for name in sorted(groups, key=GROUP_ORDER.index):
+        for parameter in groups[name].parameters():
+            owner.setdefault(id(parameter), name)
+    for name in freeze:
+        for parameter in groups[name].parameters():
+            if owner[id(parameter)] == name:
+                parameter.requires_grad_(False)
+    by_group: dict[str, list[nn.Parameter]] = {name: [] for name in groups}
+    seen: set[int] = set()
+    for module in (backbone.model, method.modules):
+        for parameter in module.parameters():
+            if parameter.requires_grad and id(parameter) not in seen:
+                seen.add(id(parameter))
+                by_group[owner.get(id(parameter), "language_model")].append(parameter)
+    return {name: params for name, params in by_group.items() if params}
+
+
+def build_optimizer(groups: dict[str, list[nn.Parameter]], config: TrainSection) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    param_groups = []
+    for name, params in groups.items():
+        lr = config.module_lr.get(name, config.lr)
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        for subset, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0)):
+            if subset:
+                param_groups.append({"params": subset, "lr": lr, "weight_decay": weight_decay, "group": name})
+    if not param_groups:
+        raise ConfigError("nothing to train: every parameter is frozen (check train.freeze and model.lora)")
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
+
+
+def lr_factor(step: int, config: TrainSection) -> float:
+    """Linear warmup to 1, then linear or cosine decay to 0 at `steps` (or constant)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if config.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

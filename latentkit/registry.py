@@ -1,0 +1,149 @@
+"""Method registry: built-ins register with a decorator; third-party plugins through the entry-point group
+`latentkit.methods` (value: "package.module:MethodClass"), imported only when a method is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from latentkit.errors import RegistryError
+
+if TYPE_CHECKING:
+    from latentkit.backbone import Backbone
+    from latentkit.layout import Batch, Layout
+    from latentkit.masks import MaskSpec
+    from latentkit.segments import Sample
+
+ENTRY_POINT_GROUP = "latentkit.methods"
+BUILTIN_MODULES = ("latentkit.methods.sft",)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """A latent-reasoning method: config, ordered stages, tokens/modules it owns, layouts, masks and losses."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+    stages: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: BaseModel):
+        self.config = config
+        self.modules = nn.ModuleDict()  # modules the method owns (projectors, VAE, ...): trained and saved with it
+
+    def setup(self, backbone: Backbone) -> None:
+        """Add tokens and build owned modules; called once, before any layout."""
+        self.backbone = backbone
+
+    def stage_init(self, stage: str) -> str | None:
+        """The earlier stage whose final weights this stage starts from (None: continue from the previous)."""
+        return None
+
+    @abstractmethod
+    def layout(self, sample: Sample, stage: str) -> Layout: ...
+
+    def mask(self, batch: Batch, stage: str) -> MaskSpec:
+        """Attention structure of a batch; default causal with right padding hidden."""
+        from latentkit.masks import causal_mask, with_padding
+
+        size, length = batch.input_ids.shape
+        return with_padding(causal_mask(size, length, batch.input_ids.device), batch.valid)
+
+    @abstractmethod
+    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput: ...
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    stages: tuple[str, ...]
+    source: str
+
+
+_registered: dict[str, tuple[type[Method], str]] = {}
+_builtins_loaded = False
+
+
+def _source_of(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_method(name: str):
+    """Class decorator: `@register_method("sft")`."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        _add(name, cls, _source_of(cls))
+        return cls
+
+    return decorate
+
+
+def _add(name: str, cls: Any, source: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise RegistryError(f"method {name!r} from {source} is not a latentkit.registry.Method subclass")
+    existing = _registered.get(name)
+    if existing is not None and existing[0] is not cls:
+        raise RegistryError(f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one")
+    cls.name = name
+    _registered[name] = (cls, source)
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def _plugin_entry_points() -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if point.name in found:
+            first = found[point.name]
+            raise RegistryError(
+                f"method name {point.name!r} is registered twice: by entry point {first.value} and by {point.value}"
+            )
+        found[point.name] = point
+    return found
+
+
+def _load_plugin(point: Any) -> None:
+    cls = point.load()
+    existing = _registered.get(point.name)
+    if existing is None:
+        _add(point.name, cls, f"plugin {point.value}")
+    elif existing[0] is not cls:
+        raise RegistryError(
+            f"method name {point.name!r} is registered twice: by {existing[1]} and by plugin {point.value}; rename one"
+        )
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtins()
+    plugins = _plugin_entry_points()
+    if name in plugins:
+        _load_plugin(plugins[name])
+    if name not in _registered:
+        valid = sorted({*_registered, *plugins})
+        raise RegistryError(f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)")
+    return _registered[name][0]
+
+
+def list_methods() -> list[MethodInfo]:
+    _load_builtins()
+    for point in _plugin_entry_points().values():
+        _load_plugin(point)
+    return [MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())]

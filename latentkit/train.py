@@ -1,0 +1,311 @@
+"""The trainer: one explicit loop over accelerate. Everything method-specific stays in the method.
+
+Run directory (`runs/<name>/`): `config.yaml`, `metrics.jsonl`, `data/` (embedded task), per stage
+`stages/<stage>/checkpoints/step-XXXXXXXX/` and `stages/<stage>/final/`, and `final/` after the last stage.
+Checkpoints are written atomically (temp dir + rename) and hold model, optimizer, scheduler, every process's
+RNG states and the step; the data order is a pure function of (seed, stage, step), so resuming continues the
+exact batch sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from latentkit.backbone import Backbone, build_backbone
+from latentkit.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_into,
+    prune_checkpoints,
+    save_checkpoint,
+    save_final,
+    load_final_weights,
+)
+from latentkit.config import LatentkitConfig, save_config
+from latentkit.data import load_training_records
+from latentkit.errors import CheckpointError, ConfigError, DataError
+from latentkit.layout import Batch, Layout, collate
+from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group
+from latentkit.registry import LossOutput, Method, get_method
+from latentkit.segments import Sample
+
+
+class TrainModule(nn.Module):
+    """Backbone model + method-owned modules as one module, so DDP/FSDP wrap and sync both."""
+
+    def __init__(self, backbone: Backbone, method: Method):
+        super().__init__()
+        self.model = backbone.model
+        self.method_modules = method.modules
+        self._backbone = backbone
+        self._method = method
+
+    def forward(self, batch: Batch, stage: str) -> LossOutput:
+        return self._method.loss(self._backbone, batch, stage)
+
+
+@dataclass(frozen=True)
+class Run:
+    config: LatentkitConfig
+    method: Method
+    backbone: Backbone
+    directory: Path
+
+
+def run_name(config: LatentkitConfig) -> str:
+    if config.run.name:
+        return config.run.name
+    model = config.model.path.name if config.model.path is not None else config.model.preset
+    return f"{config.run.method}-{model}"
+
+
+def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
+    directory = config.run.output_dir / run_name(config)
+    saved = directory / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise CheckpointError(f"cannot resume: {saved} does not exist (run without --resume to start {directory})")
+        _check_same_config(saved, config)
+    elif directory.exists() and any(directory.iterdir()):
+        raise CheckpointError(
+            f"run directory {directory} already exists: pass --resume to continue it, or set run.name=... for a new run"
+        )
+    return directory
+
+
+def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
+    import yaml
+
+    before = yaml.safe_load(saved.read_text())
+    now = config.model_dump(mode="json")
+    for section in ("run", "model", "data", "method"):
+        if before.get(section) != now[section]:
+            keys = [k for k in now[section] if before.get(section, {}).get(k) != now[section][k]]
+            raise ConfigError(
+                f"cannot resume {saved.parent}: {section}.{keys[0] if keys else ''} differs from the saved config.yaml "
+                "(resume with the same config, or start a new run with run.name=...)"
+            )
+
+
+class LayoutDataset(torch.utils.data.Dataset):
+    """Deterministic micro-batches: item i is micro-batch i of the schedule, already collated."""
+
+    def __init__(self, samples: list[Sample], method: Method, stage: str, max_length: int, pad_id: int):
+        self.samples, self.method, self.stage = samples, method, stage
+        self.max_length, self.pad_id = max_length, pad_id
+        self.schedule: list[list[int]] = []
+
+    def layout(self, index: int) -> Layout:
+        sample = self.samples[index]
+        layout = self.method.layout(sample, self.stage)
+        if len(layout) > self.max_length:
+            raise DataError(
+                f"sample {sample.sample_id}: {len(layout)} tokens exceed data.max_length={self.max_length} "
+                "(raise data.max_length or lower model.image_max_pixels)"
+            )
+        return layout
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, item: int) -> Batch:
+        return collate([self.layout(i) for i in self.schedule[item]], self.pad_id)
+
+
+def sample_indices(num_samples: int, seed: int, stage_index: int, positions: range) -> list[int]:
+    """Global sample positions -> dataset indices: a fresh seeded permutation every epoch."""
+    permutations: dict[int, list[int]] = {}
+    out = []
+    for position in positions:
+        epoch, offset = divmod(position, num_samples)
+        if epoch not in permutations:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 7919 + epoch)
+            permutations[epoch] = torch.randperm(num_samples, generator=generator).tolist()
+        out.append(permutations[epoch][offset])
+    return out
+
+
+def micro_batch_schedule(
+    num_samples: int, seed: int, stage_index: int, start_step: int, steps: int, batch_size: int, accum: int, rank: int, world: int
+) -> list[list[int]]:
+    """This process's micro-batches for steps [start_step, steps): each step draws batch*world*accum samples."""
+    per_step = batch_size * world * accum
+    schedule = []
+    for step in range(start_step, steps):
+        for micro in range(accum):
+            first = step * per_step + (micro * world + rank) * batch_size
+            schedule.append(sample_indices(num_samples, seed, stage_index, range(first, first + batch_size)))
+    return schedule
+
+
+def train(config: LatentkitConfig, resume: bool = False) -> Path:
+    """Run every stage of the method (or only `train.stage`) and return the run directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    method_cls = get_method(config.run.method)
+    stages = list(method_cls.stages)
+    if config.train.stage is not None and config.train.stage not in stages:
+        raise ConfigError(f"train.stage={config.train.stage!r} is not a stage of {config.run.method}: {', '.join(stages)}")
+    directory = prepare_run_directory(config, resume)
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        log_with="wandb" if config.train.wandb.mode != "disabled" else None,
+        project_dir=str(directory),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_config(config, directory / "config.yaml")
+    accelerator.wait_for_everyone()
+
+    set_seed(config.run.seed)
+    backbone = build_backbone(config.model)
+    method = method_cls(config.method)
+    method.setup(backbone)
+    if config.model.lora.enabled:
+        from latentkit.backbone.lora import apply_lora
+
+        lora = config.model.lora
+        backbone.model = apply_lora(backbone.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    run = Run(config, method, backbone, directory)
+
+    def on_main_first(work):
+        with accelerator.main_process_first():
+            return work()
+
+    records = load_training_records(config.data, directory, on_main_first)
+    if not records.samples:
+        raise DataError(f"no usable training records in {config.data.path or 'the embedded task'} (skipped {records.skipped})")
+    if records.skipped and accelerator.is_main_process:
+        print(f"skipped {records.skipped} bad records: {dict(records.skip_reasons)}")
+
+    if config.train.wandb.mode != "disabled":
+        accelerator.init_trackers(
+            config.train.wandb.project,
+            config=config.model_dump(mode="json"),
+            init_kwargs={"wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}},
+        )
+    module = TrainModule(backbone, method)
+    module = accelerator.prepare_model(module)
+    for stage_index, stage in enumerate(stages):
+        if config.train.stage is not None and stage != config.train.stage:
+            continue
+        _run_stage(run, accelerator, module, records.samples, stage, stage_index)
+    if accelerator.is_main_process:
+        last = config.train.stage or stages[-1]
+        _publish(directory / "stages" / last / "final", directory / "final")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return directory
+
+
+def _publish(source: Path, target: Path) -> None:
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int) -> None:
+    config, train_cfg = run.config, run.config.train
+    stage_dir = run.directory / "stages" / stage
+    if (stage_dir / "final").is_dir():
+        accelerator.print(f"stage {stage}: already finished in {stage_dir / 'final'}, skipping")
+        return
+    init_from = run.method.stage_init(stage)
+    if init_from is not None:
+        load_final_weights(accelerator.unwrap_model(module), run.directory / "stages" / init_from / "final")
+
+    groups = freeze_and_group(run.backbone, run.method, train_cfg.freeze, train_cfg.module_lr)
+    optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
+    scheduler = build_scheduler(optimizer, train_cfg)
+    start_step = 0
+    checkpoint = latest_checkpoint(stage_dir)
+    if checkpoint is not None:
+        start_step = load_checkpoint_into(checkpoint, accelerator, module, optimizer, scheduler)
+        accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
+        _log(run, accelerator, {"event": "resume", "stage": stage, "step": start_step})
+
+    dataset = LayoutDataset(samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id)
+    dataset.schedule = micro_batch_schedule(
+        len(samples), config.run.seed, stage_index, start_step, train_cfg.steps,
+        train_cfg.batch_size, train_cfg.grad_accum, accelerator.process_index, accelerator.num_processes,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers, collate_fn=lambda batch: batch
+    )
+    _loop(run, accelerator, module, optimizer, scheduler, iter(loader), stage, stage_dir, start_step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(run.backbone, run.method, stage, stage_dir / "final")
+    accelerator.wait_for_everyone()
+
+
+def _loop(run: Run, accelerator: Any, module: nn.Module, optimizer, scheduler, batches, stage: str, stage_dir: Path, start_step: int) -> None:
+    from tqdm.auto import tqdm
+
+    train_cfg = run.config.train
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    bar = tqdm(
+        total=train_cfg.steps, initial=start_step, desc=f"{run.config.run.method}:{stage}",
+        disable=not (train_cfg.progress and accelerator.is_main_process),
+    )
+    module.train()
+    for step in range(start_step, train_cfg.steps):
+        started = time.perf_counter()
+        totals: dict[str, float] = {}
+        for micro in range(train_cfg.grad_accum):
+            batch = next(batches).to(accelerator.device)
+            last_micro = micro == train_cfg.grad_accum - 1
+            with nullcontext() if last_micro else accelerator.no_sync(module):
+                out = module(batch, stage)
+                accelerator.backward(out.loss / train_cfg.grad_accum)
+            totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach()) / train_cfg.grad_accum
+            for key, value in out.metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / train_cfg.grad_accum
+            totals["tokens"] = totals.get("tokens", 0.0) + float(batch.valid.sum()) * train_cfg.grad_accum
+        grad_norm = None
+        if train_cfg.max_grad_norm is not None:
+            grad_norm = float(accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+            reduced = accelerator.reduce(torch.tensor(list(totals.values()), device=accelerator.device), "mean")
+            metrics = dict(zip(totals, (float(v) for v in reduced)))
+            metrics["tokens"] *= accelerator.num_processes / train_cfg.grad_accum
+            record = {"stage": stage, "step": done, **metrics, "lr": scheduler.get_last_lr()[0]}
+            record["step_time"] = time.perf_counter() - started
+            if grad_norm is not None and math.isfinite(grad_norm):
+                record["grad_norm"] = grad_norm
+            _log(run, accelerator, record)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"stage {stage} step {done}: loss is {totals['loss']} (lower train.lr?)")
+        if done % train_cfg.checkpoint_every == 0 and done < train_cfg.steps:
+            save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
+            if accelerator.is_main_process:
+                prune_checkpoints(stage_dir, train_cfg.keep_checkpoints)
+    bar.close()
+
+
+def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
+    if accelerator.is_main_process:
+        with open(run.directory / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    if "event" not in record:
+        accelerator.log({f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")})
