@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from latentkit.kernels.reference import dense_mask_for_sdpa, sdpa_attention
 
 from latentkit.masks import MaskSpec
-from latentkit.kernels.reference import dense_mask_for_sdpa, sdpa_attention
 
 AttentionBackend = Literal["sdpa"]
 BACKENDS: tuple[str, ...] = ("sdpa",)

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
 from latentkit.kernels.dispatch import PreparedMask, attend
 from latentkit.kernels.reference import sdpa_attention
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "latentkit"
 

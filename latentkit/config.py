@@ -75,7 +75,7 @@ class WandbSection(StrictModel):
 
 class TrainSection(StrictModel):
     stage: str | None = None  # run only this stage (its predecessors' outputs must exist in the run directory)
-    steps: int = Field(120, gt=0)  # optimizer steps per stage
+    steps: int = Field(300, gt=0)  # optimizer steps per stage
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-3, gt=0)

@@ -152,7 +152,7 @@ class Batch:
 def collate(layouts: list[Layout], pad_id: int) -> Batch:
     size, length = len(layouts), max(len(layout) for layout in layouts)
 
-    def padded(name: str, value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    def padded(name: str, value: float, dtype: torch.dtype) -> torch.Tensor:
         out = torch.full((size, length), value, dtype=dtype)
         for row, layout in enumerate(layouts):
             out[row, : len(layout)] = getattr(layout, name)

@@ -25,10 +25,10 @@ from latentkit.backbone import Backbone, build_backbone
 from latentkit.checkpoint import (
     latest_checkpoint,
     load_checkpoint_into,
+    load_final_weights,
     prune_checkpoints,
     save_checkpoint,
     save_final,
-    load_final_weights,
 )
 from latentkit.config import LatentkitConfig, save_config
 from latentkit.data import load_training_records
@@ -75,7 +75,7 @@ def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
         if not saved.is_file():
             raise CheckpointError(f"cannot resume: {saved} does not exist (run without --resume to start {directory})")
         _check_same_config(saved, config)
-    elif directory.exists() and any(directory.iterdir()):
+    elif (directory / "stages").exists():
         raise CheckpointError(
             f"run directory {directory} already exists: pass --resume to continue it, or set run.name=... for a new run"
         )
@@ -158,6 +158,7 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         raise ConfigError(f"train.stage={config.train.stage!r} is not a stage of {config.run.method}: {', '.join(stages)}")
     directory = prepare_run_directory(config, resume)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without CUDA, torchrun-launched processes use gloo (MULTI_CPU)
         mixed_precision=config.train.mixed_precision,
         log_with="wandb" if config.train.wandb.mode != "disabled" else None,
         project_dir=str(directory),
@@ -206,6 +207,7 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         _publish(directory / "stages" / last / "final", directory / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    accelerator.print(f"run finished: {directory} (final model in {directory / 'final'})")
     return directory
 
 

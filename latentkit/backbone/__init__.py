@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from latentkit.backbone.base import BACKBONE_FILE, Backbone, BackboneOutput, ChatFormat, ImageInput
 from latentkit.backbone.causal_lm import CausalLMBackbone
@@ -21,11 +22,15 @@ FAMILIES: dict[str, type[Backbone]] = {
 }
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
 
-__all__ = ["Backbone", "BackboneOutput", "ChatFormat", "FAMILIES", "ImageInput", "PRESETS", "build_backbone"]
+__all__ = ["FAMILIES", "PRESETS", "Backbone", "BackboneOutput", "ChatFormat", "ImageInput", "build_backbone"]
 
 
 def _model_class(family: str):
-    from transformers import AutoModelForCausalLM, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (
+        AutoModelForCausalLM,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
 
     return {
         "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
@@ -76,17 +81,27 @@ def build_backbone(section: ModelSection) -> Backbone:
     return backbone
 
 
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = path / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        # AutoTokenizer swaps in the model type's class (qwen2 -> Qwen2Tokenizer), which rebuilds the
+        # pre-tokenizer and sets an unk token: a saved tokenizer.json would then tokenize differently.
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_checkpoint(path: Path, section: ModelSection, family: str | None = None) -> Backbone:
     """A backbone from a local HF-format directory (never the hub)."""
-    from transformers import AutoTokenizer
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model.path {path} is not a directory: pass a local HF-format checkpoint directory")
     family = family or _family_of_checkpoint(path)
     dtype = getattr(torch, section.dtype)
     model = _model_class(family).from_pretrained(path, local_files_only=True, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = _load_tokenizer(path)
     image_processor = None
     if issubclass(FAMILIES[family], QwenVLBackbone):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil

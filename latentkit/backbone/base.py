@@ -114,7 +114,8 @@ class Backbone:
 
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
+        # an unknown token maps to the unk id, but the unk token itself (Qwen2's is <|endoftext|>) is known
+        if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
             raise KeyError(f"token {token!r} is not in the vocabulary; add it with Backbone.add_tokens")
         return int(token_id)
 
