@@ -6,6 +6,7 @@ Unknown keys are errors that name the closest valid key; the resolved config is 
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,6 +106,7 @@ class LatentkitConfig(StrictModel):
     method: StrictModel = StrictModel()
 
 
+@functools.cache
 def config_model_for(method_config: type[BaseModel]) -> type[LatentkitConfig]:
     """The run-config model whose `method:` section is `method_config`."""
     return type(

@@ -50,7 +50,7 @@ def additive(dense: torch.Tensor) -> torch.Tensor:
     return torch.zeros(dense.shape).masked_fill(~dense, torch.finfo(torch.float32).min)
 
 
-def batched_positions(backbone: Backbone, positions: torch.Tensor) -> torch.Tensor:
+def batched_positions(positions: torch.Tensor) -> torch.Tensor:
     """One sequence's positions ([N] or [3, N]) with a batch axis: [1, N] or [3, 1, N]."""
     return positions.unsqueeze(-2)
 
@@ -87,16 +87,18 @@ def sample_inputs(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor, dict[
     """(inputs_embeds [1,N,D], position_ids, HF model kwargs) of one sequence: with two images for VL presets."""
     if not backbone.supports_images:
         ids = text_ids(backbone)
-        return backbone.embed(ids[None]), batched_positions(backbone, backbone.position_ids(ids, [])), {
-            "input_ids": ids[None]
-        }
+        return (
+            backbone.embed(ids[None]),
+            batched_positions(backbone.position_ids(ids, [])),
+            {"input_ids": ids[None]},
+        )
     seq = image_sequence(backbone, IMAGE_SIZES)
     ids = seq["input_ids"]
     embeds = backbone.embed(ids[None])
     image_embeds = backbone.encode_images(seq["pixel_values"], seq["image_grid_thw"])
     embeds = embeds.masked_scatter((ids == backbone.image_token_id)[None, :, None], image_embeds)
     grids = [tuple(g) for g in seq["image_grid_thw"].tolist()]
-    positions = batched_positions(backbone, backbone.position_ids(ids, grids))
+    positions = batched_positions(backbone.position_ids(ids, grids))
     hf_kwargs = {
         "input_ids": ids[None],
         "mm_token_type_ids": seq["mm_token_type_ids"][None],
@@ -230,7 +232,9 @@ def _one_sample(backbone: Backbone, prompt: str, image_index: int) -> dict[str, 
     return dict(seq, input_ids=ids, position_ids=backbone.position_ids(ids, grids))
 
 
-def _embed(backbone: Backbone, input_ids: torch.Tensor, samples: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def _embed(
+    backbone: Backbone, input_ids: torch.Tensor, samples: list[dict[str, torch.Tensor]]
+) -> torch.Tensor:
     """Token embeddings [B, N, D] with the samples' images (in order) written into the image_pad positions."""
     embeds = backbone.embed(input_ids)
     if not backbone.supports_images:
@@ -259,15 +263,52 @@ def test_right_padding_matches_unpadded(backbone):
     for row, sample in enumerate(samples):
         ids = sample["input_ids"][None]
         alone = backbone.forward(
-            _embed(backbone, ids, [sample]), batched_positions(backbone, sample["position_ids"]),
+            _embed(backbone, ids, [sample]),
+            batched_positions(sample["position_ids"]),
             causal_mask(1, lengths[row]),
         ).last_hidden_state
         torch.testing.assert_close(padded[row, : lengths[row]], alone[0], atol=ATOL, rtol=0)
-    # without the padding mask the short row would see its padding: the check above is not vacuous
-    unmasked = backbone.forward(_embed(backbone, input_ids, samples), positions, causal_mask(2, n)).last_hidden_state
+    # without the padding mask the short row's padding rows would see the padding: the mask is what differs
+    embeds = _embed(backbone, input_ids, samples)
+    unmasked = backbone.forward(embeds, positions, causal_mask(2, n)).last_hidden_state
     short = lengths.index(min(lengths))
-    assert (unmasked[short, min(lengths) - 1] - padded[short, min(lengths) - 1]).abs().max() == 0  # causal: no
     assert (unmasked[short, -1] - padded[short, -1]).abs().max() > 1e-4
+
+
+@torch.no_grad()
+def test_left_padding_fully_masked_rows(backbone):
+    """Left padding: pad rows see no key at all (fully masked) and must stay finite, also in the backward."""
+    sample = _one_sample(backbone, " The answer is red.", 0)
+    length, extra = sample["input_ids"].shape[0], 3
+    n = length + extra
+    input_ids = torch.full((1, n), backbone.token_id(backbone.chat.pad))
+    input_ids[0, extra:] = sample["input_ids"]
+    positions = torch.zeros((*sample["position_ids"].shape[:-1], 1, n), dtype=torch.long)
+    positions[..., 0, extra:] = sample["position_ids"]
+    valid = torch.arange(n)[None] >= extra
+    mask = with_padding(causal_mask(1, n), valid)
+    assert not bool(mask.to_dense()[0, 0, :extra].any())
+    embeds = _embed(backbone, input_ids, [sample]).requires_grad_(True)
+    with torch.enable_grad():
+        out = backbone.forward(embeds, positions, mask).last_hidden_state
+        out.sum().backward()
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(embeds.grad).all())
+    alone = backbone.forward(
+        _embed(backbone, sample["input_ids"][None], [sample]),
+        batched_positions(sample["position_ids"]),
+        causal_mask(1, length),
+    ).last_hidden_state
+    torch.testing.assert_close(out[:, extra:], alone, atol=ATOL, rtol=0)
+    # a fully masked row gets no attention output: its first-layer attention input passes through unchanged
+    layer = backbone.decoder().layers[0]
+    captured = []
+    handle = layer.self_attn.register_forward_hook(lambda _m, _i, o: captured.append(o[0]))
+    try:
+        backbone.forward(embeds, positions, mask)
+    finally:
+        handle.remove()
+    assert torch.equal(captured[0][0, :extra], torch.zeros_like(captured[0][0, :extra]))
+    assert captured[0][0, extra:].abs().max() > 0
 
 
 def _random_spec(n: int, causal: bool, seed: int) -> MaskSpec:
@@ -285,21 +326,17 @@ def _random_spec(n: int, causal: bool, seed: int) -> MaskSpec:
 @pytest.mark.parametrize("causal", [True, False])
 @torch.no_grad()
 def test_custom_mask_matches_hf_eager_with_dense_mask(backbone, causal):
-    embeds, positions, hf_kwargs = sample_inputs(backbone)
+    embeds, positions, _ = sample_inputs(backbone)
     n = embeds.shape[1]
     spec = _random_spec(n, causal, seed=3)
     ours = backbone.forward(embeds, positions, spec, output_hidden_states=True)
-    reference = eager_copy(backbone)
-    if backbone.supports_images:
-        theirs = reference.model.language_model(
-            inputs_embeds=embeds, position_ids=positions, attention_mask=additive(spec.to_dense()),
-            output_hidden_states=True,
-        )
-    else:
-        theirs = reference.model(
-            inputs_embeds=embeds, position_ids=positions, attention_mask=additive(spec.to_dense()),
-            output_hidden_states=True,
-        )
+    # HF's own model below the LM head (for VL, it passes inputs_embeds straight to the language model)
+    theirs = eager_copy(backbone).model(
+        inputs_embeds=embeds,
+        position_ids=positions,
+        attention_mask=additive(spec.to_dense()),
+        output_hidden_states=True,
+    )
     torch.testing.assert_close(ours.last_hidden_state, theirs.last_hidden_state, atol=ATOL, rtol=0)
     assert len(ours.hidden_states) == len(theirs.hidden_states) == backbone.num_layers + 1
     for mine, hf in zip(ours.hidden_states, theirs.hidden_states):
@@ -327,7 +364,7 @@ def test_hiding_a_column_from_everyone_equals_dropping_the_token(backbone):
     """Causal, column j hidden from all later rows: the other rows equal HF on the sequence without token j."""
     ids = text_ids(backbone)
     n, j = ids.shape[0], 3
-    positions = batched_positions(backbone, backbone.position_ids(ids, []))
+    positions = batched_positions(backbone.position_ids(ids, []))
     intervals = torch.zeros(1, n, 4, dtype=torch.int32)
     intervals[0, j] = torch.tensor([j + 1, n, 0, 0])
     ours = backbone.forward(backbone.embed(ids[None]), positions, MaskSpec(True, intervals)).last_hidden_state
@@ -351,21 +388,21 @@ def test_full_mask_is_bidirectional(backbone):
 def test_hidden_states_count_and_last_is_post_norm(backbone):
     embeds, positions, _ = sample_inputs(backbone)
     n = embeds.shape[1]
-    out = backbone.forward(embeds, positions, causal_mask(1, n), output_hidden_states=True)
-    assert len(out.hidden_states) == backbone.num_layers + 1
-    assert torch.equal(out.hidden_states[0], embeds)
-    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
     # post-norm: the final norm applied to the last decoder layer's output
     decoder = backbone.decoder()
     captured = []
-    handle = decoder.layers[-1].register_forward_hook(lambda _m, _i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    handle = decoder.layers[-1].register_forward_hook(
+        lambda _m, _i, o: captured.append(o[0] if isinstance(o, tuple) else o)
+    )
     try:
         out = backbone.forward(embeds, positions, causal_mask(1, n), output_hidden_states=True)
     finally:
         handle.remove()
+    assert len(out.hidden_states) == backbone.num_layers + 1
+    assert torch.equal(out.hidden_states[0], embeds)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
     assert not torch.equal(captured[0], out.last_hidden_state)
     torch.testing.assert_close(decoder.norm(captured[0]), out.last_hidden_state, atol=0, rtol=0)
-    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
     assert out.cache is None
     assert backbone.forward(embeds, positions, causal_mask(1, n)).hidden_states is None
 
@@ -406,7 +443,9 @@ def test_kv_cache_one_token_at_a_time(backbone):
     split = n - 4
     backbone.forward(embeds[:, :split], positions[..., :split], causal_mask(1, split), cache=cache)
     for i in range(split, n):
-        step = backbone.forward(embeds[:, i : i + 1], positions[..., i : i + 1], causal_mask(1, i + 1), cache=cache)
+        step = backbone.forward(
+            embeds[:, i : i + 1], positions[..., i : i + 1], causal_mask(1, i + 1), cache=cache
+        )
         torch.testing.assert_close(step.last_hidden_state[:, 0], full[:, i], atol=ATOL, rtol=0)
 
 
@@ -442,12 +481,15 @@ def test_add_tokens_grows_vocabulary_and_keeps_ids(preset):
     assert torch.equal(backbone.lm_head.weight[:vocab], old_head)
     assert backbone.encode_text(text) == before_ids
     assert {t: backbone.token_id(t) for t in before_specials} == before_specials
-    # special: never split, kept by decode
+    # special: never split by the BPE
     assert backbone.encode_text("red<|latent|>blue").count(ids[1]) == 1
     assert ids[1] in backbone.tokenizer.all_special_ids
     # known tokens: same ids, no resize
     weight = embeddings.weight
-    assert backbone.add_tokens(["<|latent|>", backbone.chat.im_end]) == [ids[1], before_specials["<|im_end|>"]]
+    assert backbone.add_tokens(["<|latent|>", backbone.chat.im_end]) == [
+        ids[1],
+        before_specials["<|im_end|>"],
+    ]
     assert backbone.model.get_input_embeddings().weight is weight
 
 
@@ -507,7 +549,11 @@ def test_save_load_round_trip(preset, tmp_path):
     assert loaded.source == str(tmp_path / "ckpt")
     assert loaded.tokenizer.get_vocab() == backbone.tokenizer.get_vocab()
     assert type(loaded.tokenizer) is type(backbone.tokenizer)
-    for text in ["apples costs 100 total 1000", "<|im_start|>user\nIs it red?<|latent|><|im_end|>", "café  x"]:
+    for text in [
+        "apples costs 100 total 1000",
+        "<|im_start|>user\nIs it red?<|latent|><|im_end|>",
+        "café  x",
+    ]:
         assert loaded.encode_text(text) == backbone.encode_text(text), text
     assert loaded.token_id("<|latent|>") == backbone.token_id("<|latent|>")
     a, b = backbone.model.state_dict(), loaded.model.state_dict()
@@ -551,7 +597,9 @@ def test_lora_forward_and_merged_save(preset, tmp_path):
     with torch.no_grad():
         base = backbone.forward(embeds, positions, causal_mask(1, n)).last_hidden_state
 
-    backbone.model = apply_lora(backbone.model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    backbone.model = apply_lora(
+        backbone.model, r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )
     assert is_lora(backbone.model)
     trainable = [name for name, p in backbone.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)

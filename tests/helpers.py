@@ -1,0 +1,42 @@
+"""Shared helpers for tests that run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small, fast embedded run: tiny Qwen2.5-VL on a few synth-zoom records.
+FAST = [
+    "data.synth.n_train=24",
+    "data.synth.n_val=0",
+    "data.synth.n_test=0",
+    "train.batch_size=2",
+    "train.progress=false",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+]
+
+
+def train_args(out: Path, name: str, *extra: str) -> list[str]:
+    return ["train", f"run.output_dir={out}", f"run.name={name}", *FAST, *extra]
+
+
+def latentkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "latentkit", *args], capture_output=True, text=True, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"latentkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final" / "model.safetensors"))

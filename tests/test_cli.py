@@ -1,0 +1,111 @@
+"""CLI behaviour: one-line errors with exit code 2 for user mistakes, listing and data commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import FAST
+from latentkit.cli.app import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_config_key(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "train.lrr=1")
+    assert_one_line_error(code, err, "train.lrr", "did you mean train.lr")
+
+
+def test_unknown_method(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--method", "monnet", f"run.output_dir={tmp_path}")
+    assert_one_line_error(code, err, "monnet", "valid methods: ", "sft")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(code, err, "nope.yaml", "not found")
+
+
+def test_missing_data_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", f"data.path={tmp_path / 'absent'}")
+    assert_one_line_error(code, err, "absent", "data.path=")
+
+
+def test_malformed_record(capsys, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    record = {
+        "data": [
+            {"role": "system", "content": [{"type": "text", "text": "s"}]},
+            {"role": "user", "content": [{"type": "image", "image": "missing.png"}, {"type": "text", "text": "q"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
+        ],
+        "metadata": {"sample_id": "x"},
+    }
+    (data / "train.json").write_text(json.dumps([record]))
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", f"data.path={data}")
+    assert_one_line_error(code, err, "train.json", "record 0", "data[1].content[0].image", "on_bad_record=skip")
+
+
+def test_resume_without_run_and_restart_of_finished_run(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "run.name=none", "--resume")
+    assert_one_line_error(code, err, "cannot resume", "config.yaml")
+    finished = tmp_path / "done" / "stages" / "sft"
+    finished.mkdir(parents=True)
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "run.name=done")
+    assert_one_line_error(code, err, "already exists", "--resume")
+
+
+def test_unknown_stage(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "--stage", "distill")
+    assert_one_line_error(code, err, "distill", "sft")
+
+
+def test_methods_list(capsys):
+    code, out, _ = run_cli(capsys, "methods", "list", "--json")
+    assert code == 0
+    rows = {row["name"]: row for row in json.loads(out)}
+    assert rows["sft"]["stages"] == ["sft"]
+    code, out, _ = run_cli(capsys, "methods", "list")
+    assert code == 0 and out.splitlines()[0].split() == ["name", "stages", "source"]
+
+
+def test_data_synth(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "data", "synth", "--task", "synth-zoom", "--n", "3", "--out", str(tmp_path / "z"))
+    assert code == 0 and "chance level" in out
+    assert len(json.loads((tmp_path / "z" / "train.json").read_text())) == 3
+    code, _, err = run_cli(capsys, "data", "synth", "--task", "synth-nope", "--out", str(tmp_path / "y"))
+    assert_one_line_error(code, err, "synth-nope", "synth-zoom")
+
+
+def test_debug_shows_traceback(tmp_path):
+    from latentkit.errors import RegistryError
+
+    with pytest.raises(RegistryError):
+        main(["--debug", "train", "--method", "nope", f"run.output_dir={tmp_path}"])
+
+
+def test_env(capsys):
+    code, out, _ = run_cli(capsys, "env")
+    assert code == 0 and "torch:" in out and "transformers:" in out
+
+
+def test_train_in_process_writes_resolved_config(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "run.name=cfg", "train.steps=1", *FAST)
+    assert code == 0 and "run finished" in out
+    saved = (tmp_path / "cfg" / "config.yaml").read_text()
+    assert "steps: 1" in saved and "method: sft" in saved
