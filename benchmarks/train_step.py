@@ -225,10 +225,12 @@ def spawn_variant(variant: str, args: argparse.Namespace, out_dir: Path, repeat:
         "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--batch-size", str(args.batch_size),
     ]
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     result = json.loads(result_file.read_text())
     result["process_wall_s"] = time.perf_counter() - started
+    result["load"] = (load_before, os.getloadavg()[0])
     if not args.keep:
         shutil.rmtree(work_dir, ignore_errors=True)
     return result
@@ -304,6 +306,9 @@ def benchmark_main(args: argparse.Namespace) -> None:
     print(f"p90 step time (ms): bare {bare['p90_ms']:.1f}, trainer {trainer['p90_ms']:.1f}")
     print("median step time per run (ms): bare " + ", ".join(f"{m:.1f}" for m in bare["per_repeat_median_ms"])
           + "; trainer " + ", ".join(f"{m:.1f}" for m in trainer["per_repeat_median_ms"]))
+    for variant, variant_runs in runs.items():
+        loads = ", ".join(f"{r['load'][0]:.2f}->{r['load'][1]:.2f}" for r in variant_runs)
+        print(f"1-min load average before->after each {variant} run: {loads}")
     print(f"trainer in-loop step_time from metrics.jsonl (excludes the JSON write): median "
           f"{trainer['in_loop_median_ms']:.1f} ms")
     print(f"peak RSS before the loop (setup): bare {bare['setup_peak_rss_mib']:.0f} MiB, "

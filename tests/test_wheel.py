@@ -1,0 +1,80 @@
+"""The built wheel holds every sub-package under its mapped name (DESIGN.md, Layout: methods/ kernels/ cli/ ->
+latentkit.methods / .kernels / .cli) and the `latentkit` console script.
+
+An editable install maps whole folders, so a sub-package missing from the wheel only shows up after
+`pip install .`; this test catches it. The source tree is walked, so future sub-packages are covered. The
+wheel is built from a copy of the tree in tmp_path, so no build/ or *.egg-info is left in the repo (and a
+build running alongside other work in the repo cannot collide with it).
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAPPED = {"latentkit": "latentkit", "methods": "latentkit/methods", "kernels": "latentkit/kernels", "cli": "latentkit/cli"}
+SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
+
+
+def source_files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.rglob(pattern) if not SKIP_DIRS & set(p.relative_to(root).parts))
+
+
+def wheel_name(tree: Path, path: Path) -> str:
+    """Source path (in `tree`) -> its path inside the wheel."""
+    folder, *rest = path.relative_to(tree).parts
+    return "/".join([MAPPED[folder], *rest])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, zipfile.ZipFile]:
+    root = tmp_path_factory.mktemp("wheel")
+    tree = root / "src"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "runs", ".venv", *SKIP_DIRS, "*.pyc"))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+               "--disable-pip-version-check", "-w", str(root / "dist"), str(tree)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"wheel build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    (wheel,) = (root / "dist").glob("latentkit-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        yield tree, archive
+
+
+@pytest.mark.slow
+def test_every_package_is_in_the_wheel(built):
+    tree, archive = built
+    names = set(archive.namelist())
+    packages = [init for folder in MAPPED for init in source_files(tree / folder, "__init__.py")]
+    assert any("methods" in p.parts for p in packages) and len(packages) >= 5, packages
+    missing = [wheel_name(tree, p) for p in packages if wheel_name(tree, p) not in names]
+    assert not missing, f"packages missing from the wheel: {missing}"
+    modules = [p for folder in MAPPED for p in source_files(tree / folder, "*.py")]
+    missing = [wheel_name(tree, p) for p in modules if wheel_name(tree, p) not in names]
+    assert not missing, f"modules missing from the wheel: {missing}"
+    assert "latentkit/py.typed" in names
+
+
+@pytest.mark.slow
+def test_every_folder_with_modules_is_a_package(built):
+    """A folder of .py files without __init__.py imports in an editable install but is left out of the wheel."""
+    tree, _ = built
+    loose = sorted({p.parent.relative_to(tree) for folder in MAPPED for p in source_files(tree / folder, "*.py")
+                    if not (p.parent / "__init__.py").is_file()})
+    assert not loose, f"folders with modules but no __init__.py (not packaged): {loose}"
+
+
+@pytest.mark.slow
+def test_console_script_entry_point(built):
+    _, archive = built
+    (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    parser = configparser.ConfigParser()
+    parser.read_string(archive.read(entry_points).decode())
+    assert parser["console_scripts"]["latentkit"].strip() == "latentkit.cli.app:main"
