@@ -1,0 +1,41 @@
+import pytest
+
+from latentkit.backbone import build_backbone
+from latentkit.config import ModelSection, TrainSection
+from latentkit.errors import ConfigError
+from latentkit.optim import build_optimizer, freeze_and_group
+from latentkit.registry import get_method
+
+
+@pytest.fixture
+def parts():
+    backbone = build_backbone(ModelSection())
+    method_cls = get_method("sft")
+    method = method_cls(method_cls.Config())
+    method.setup(backbone)
+    return backbone, method
+
+
+def test_frozen_vision_and_per_module_learning_rates(parts):
+    backbone, method = parts
+    groups = freeze_and_group(backbone, method, freeze=["vision"], module_lr={"lm_head": 0.5})
+    assert "vision" not in groups
+    assert not any(p.requires_grad for p in backbone.vision().parameters())
+    optimizer = build_optimizer(groups, TrainSection(lr=0.1, module_lr={"lm_head": 0.5}, weight_decay=0.01))
+    by_id = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    assert by_id[id(backbone.lm_head.weight)]["lr"] == 0.5
+    embeddings = backbone.decoder().embed_tokens.weight
+    assert by_id[id(embeddings)]["lr"] == 0.1 and by_id[id(embeddings)]["group"] == "embeddings"
+    norm = backbone.decoder().norm.weight
+    assert by_id[id(norm)]["weight_decay"] == 0.0 and by_id[id(embeddings)]["weight_decay"] == 0.01
+    trainable = [p for p in backbone.model.parameters() if p.requires_grad]
+    assert sorted(map(id, trainable)) == sorted(by_id)  # every trainable parameter is in exactly one group
+
+
+def test_unknown_group_and_nothing_to_train(parts):
+    backbone, method = parts
+    with pytest.raises(ConfigError, match="unknown module group 'visoin'.*vision"):
+        freeze_and_group(backbone, method, freeze=["visoin"], module_lr={})
+    groups = freeze_and_group(backbone, method, freeze=["vision", "embeddings", "language_model", "lm_head"], module_lr={})
+    with pytest.raises(ConfigError, match="nothing to train"):
+        build_optimizer(groups, TrainSection())
