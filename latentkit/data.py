@@ -27,12 +27,12 @@ def prepare_embedded_data(run_dir: Path, data: DataSection) -> Path:
 
 def load_training_records(data: DataSection, run_dir: Path, on_main_first: Callable[[Callable[[], object]], object]) -> LoadedRecords:
     """Records of `data.split`; `on_main_first` runs data generation on the main process before the others read."""
-    options = dict(
-        on_bad_record=data.on_bad_record,
-        latent_marker=data.latent_marker,
-        require_observation_after_aux=data.require_observation_after_aux,
-        limit=data.limit,
-    )
+    options = {
+        "on_bad_record": data.on_bad_record,
+        "latent_marker": data.latent_marker,
+        "require_observation_after_aux": data.require_observation_after_aux,
+        "limit": data.limit,
+    }
     if data.path is None:
         root = embedded_data_dir(run_dir, data)
         on_main_first(lambda: prepare_embedded_data(run_dir, data))

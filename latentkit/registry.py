@@ -96,6 +96,9 @@ def _add(name: str, cls: Any, source: str) -> None:
     existing = _registered.get(name)
     if existing is not None and existing[0] is not cls:
         raise RegistryError(f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one")
+    other_names = [other for other, (registered, _) in _registered.items() if registered is cls and other != name]
+    if other_names:
+        raise RegistryError(f"{source} is already registered as {other_names[0]!r}; one class has one method name")
     cls.name = name
     _registered[name] = (cls, source)
 
@@ -121,7 +124,10 @@ def _plugin_entry_points() -> dict[str, Any]:
 
 
 def _load_plugin(point: Any) -> None:
-    cls = point.load()
+    try:
+        cls = point.load()
+    except Exception as exc:  # a broken plugin is the plugin's error, reported in one line
+        raise RegistryError(f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}") from exc
     existing = _registered.get(point.name)
     if existing is None:
         _add(point.name, cls, f"plugin {point.value}")

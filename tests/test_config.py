@@ -1,10 +1,10 @@
 from pathlib import Path
 
 import pytest
+from latentkit.methods.sft import SFTConfig
 
 from latentkit.config import build_config, parse_override, raw_config, save_config
 from latentkit.errors import ConfigError
-from latentkit.methods.sft import SFTConfig
 
 
 def resolve(tmp_path: Path, yaml_text: str | None, overrides: list[str]):

@@ -25,7 +25,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "plugins.md"
-FAST_RUN = ["train.steps=1", "train.progress=false", "data.synth.n_train=8", "data.synth.n_val=0", "data.synth.n_test=0"]
+FAST_RUN = [
+    "train.steps=1",
+    "train.progress=false",
+    "data.synth.n_train=8",
+    "data.synth.n_val=0",
+    "data.synth.n_test=0",
+]
 
 DUPLICATE_PYPROJECT = """\
 [build-system]
@@ -54,7 +60,9 @@ class DupSFT(SFT):
 
 def doc_files() -> dict[str, str]:
     """`<!-- file: PATH -->` followed by a fenced block in docs/plugins.md -> {PATH: contents}."""
-    found = re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)^```", DOC.read_text(encoding="utf-8"), re.S | re.M)
+    found = re.findall(
+        r"<!-- file: (\S+) -->\n```\w*\n(.*?)^```", DOC.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE
+    )
     return dict(found)
 
 
@@ -62,9 +70,21 @@ def pip_install_target(files: dict[str, str], source: Path, target: Path) -> Pat
     for name, text in files.items():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(text, encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-               "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--target",
+        str(target),
+        str(source),
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"pip install of {source.name} failed:\n{result.stdout}\n{result.stderr}"
     return target
 
@@ -73,9 +93,13 @@ def cli(site: Path, cwd: Path, *args: str) -> subprocess.Popen:
     """Start the installed `latentkit` console script with `site` on its path."""
     script = Path(sys.executable).with_name("latentkit")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "latentkit"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([*command, *args], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.Popen(
+        [*command, *args], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -87,14 +111,20 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
 def probe_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("probe-plugin")
     files = doc_files()
-    assert {"pyproject.toml", "sft_probe/method.py"} <= set(files), f"docs/plugins.md example files: {sorted(files)}"
+    assert {"pyproject.toml", "sft_probe/method.py"} <= set(files), (
+        f"docs/plugins.md example files: {sorted(files)}"
+    )
     return pip_install_target(files, root / "src", root / "site")
 
 
 @pytest.fixture(scope="module")
 def duplicate_site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dup-plugin")
-    files = {"pyproject.toml": DUPLICATE_PYPROJECT, "dup_sft/__init__.py": "", "dup_sft/method.py": DUPLICATE_METHOD}
+    files = {
+        "pyproject.toml": DUPLICATE_PYPROJECT,
+        "dup_sft/__init__.py": "",
+        "dup_sft/method.py": DUPLICATE_METHOD,
+    }
     return pip_install_target(files, root / "src", root / "site")
 
 
@@ -108,12 +138,24 @@ def test_doc_example_is_complete():
 def test_plugin_lists_and_trains(probe_site: Path, tmp_path: Path):
     # Both commands at once: each spends most of its time importing torch/transformers.
     listing = cli(probe_site, tmp_path, "methods", "list", "--json")
-    training = cli(probe_site, tmp_path, "train", "--method", "sft-probe", f"run.output_dir={tmp_path / 'runs'}",
-                   "run.name=probe", *FAST_RUN)
+    training = cli(
+        probe_site,
+        tmp_path,
+        "train",
+        "--method",
+        "sft-probe",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=probe",
+        *FAST_RUN,
+    )
     code, out, err = finish(listing)
     assert code == 0, err
     rows = {row["name"]: row for row in json.loads(out)}
-    assert rows["sft-probe"] == {"name": "sft-probe", "stages": ["sft"], "source": "plugin sft_probe.method:SFTProbe"}
+    assert rows["sft-probe"] == {
+        "name": "sft-probe",
+        "stages": ["sft"],
+        "source": "plugin sft_probe.method:SFTProbe",
+    }
     assert rows["sft"]["source"] == "latentkit.methods.sft.method:SFT"
 
     code, out, err = finish(training)
@@ -134,7 +176,15 @@ def test_plugin_lists_and_trains(probe_site: Path, tmp_path: Path):
 def test_plugin_named_like_a_builtin_is_an_error(duplicate_site: Path, tmp_path: Path):
     runs = [
         cli(duplicate_site, tmp_path, "methods", "list"),
-        cli(duplicate_site, tmp_path, "train", "--method", "sft", f"run.output_dir={tmp_path / 'runs'}", *FAST_RUN),
+        cli(
+            duplicate_site,
+            tmp_path,
+            "train",
+            "--method",
+            "sft",
+            f"run.output_dir={tmp_path / 'runs'}",
+            *FAST_RUN,
+        ),
     ]
     for process in runs:
         code, out, err = finish(process)
@@ -155,3 +205,14 @@ def test_unknown_method_lists_valid_ones(probe_site: Path, tmp_path: Path):
     assert "unknown method 'no-such-method'" in lines[0]
     valid = lines[0].split("valid methods:")[1]
     assert "sft" in valid and "sft-probe" in valid
+
+
+def test_one_class_cannot_take_two_names():
+    from latentkit.methods.sft import SFT
+
+    from latentkit.errors import RegistryError
+    from latentkit.registry import _add
+
+    with pytest.raises(RegistryError, match="already registered as 'sft'"):
+        _add("sft2", SFT, "plugin latentkit.methods.sft.method:SFT")
+    assert SFT.name == "sft"

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MAPPED = {"latentkit": "latentkit", "methods": "latentkit/methods", "kernels": "latentkit/kernels", "cli": "latentkit/cli"}
+MAPPED = {
+    "latentkit": "latentkit",
+    "methods": "latentkit/methods",
+    "kernels": "latentkit/kernels",
+    "cli": "latentkit/cli",
+}
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache"}
 
 
@@ -37,11 +42,27 @@ def wheel_name(tree: Path, path: Path) -> str:
 def built(tmp_path_factory) -> tuple[Path, zipfile.ZipFile]:
     root = tmp_path_factory.mktemp("wheel")
     tree = root / "src"
-    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "runs", ".venv", *SKIP_DIRS, "*.pyc"))
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-               "--disable-pip-version-check", "-w", str(root / "dist"), str(tree)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    shutil.copytree(
+        REPO,
+        tree,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "runs", ".venv", *SKIP_DIRS, "*.pyc"
+        ),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "-w",
+        str(root / "dist"),
+        str(tree),
+    ]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"wheel build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     (wheel,) = (root / "dist").glob("latentkit-*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -66,8 +87,14 @@ def test_every_package_is_in_the_wheel(built):
 def test_every_folder_with_modules_is_a_package(built):
     """A folder of .py files without __init__.py imports in an editable install but is left out of the wheel."""
     tree, _ = built
-    loose = sorted({p.parent.relative_to(tree) for folder in MAPPED for p in source_files(tree / folder, "*.py")
-                    if not (p.parent / "__init__.py").is_file()})
+    loose = sorted(
+        {
+            p.parent.relative_to(tree)
+            for folder in MAPPED
+            for p in source_files(tree / folder, "*.py")
+            if not (p.parent / "__init__.py").is_file()
+        }
+    )
     assert not loose, f"folders with modules but no __init__.py (not packaged): {loose}"
 
 
