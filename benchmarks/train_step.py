@@ -2,8 +2,8 @@
 
 Usage:
     python benchmarks/train_step.py                       # trainer vs bare loop (each in its own subprocess)
-    python benchmarks/train_step.py --steps 60 --warmup 5 --batch-size 8 --repeats 2
-    python benchmarks/train_step.py --quickstart          # `latentkit train --method sft` end to end
+    python benchmarks/train_step.py --steps 100 --warmup 10 --batch-size 8 --repeats 3   # the defaults
+    python benchmarks/train_step.py --quickstart --repeats 3   # `latentkit train --method sft` end to end
 
 Both variants use the tiny default of `latentkit train --method sft` (preset tiny-qwen2.5-vl, float32, the
 embedded synth-zoom task, batch 8, AdamW, linear warmup/decay schedule, grad clip 1.0), with
@@ -93,23 +93,26 @@ def run_trainer(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     import latentkit.train as trainer
 
     config = tiny_config(output_dir, total_steps, batch_size)
-    stamps: dict[int, float] = {}
+    stamps: dict[int, tuple[float, float]] = {}
     info: dict = {}
     original_log, original_loop = trainer._log, trainer._loop
 
     def stamped_log(run, accelerator, record):
         original_log(run, accelerator, record)
         if "event" not in record:
-            stamps[int(record["step"])] = time.perf_counter()
+            stamps[int(record["step"])] = (time.perf_counter(), time.process_time())
 
     def stamped_loop(run, accelerator, module, optimizer, scheduler, batches, stage, stage_dir, start_step):
         info["setup_peak_rss_mib"] = peak_rss_mib()
         info["loop_start"] = time.perf_counter()
+        info["loop_start_cpu"] = time.process_time()
         original_loop(run, accelerator, module, optimizer, scheduler, batches, stage, stage_dir, start_step)
         info["loop_end"] = time.perf_counter()
         scratch = output_dir / "checkpoint-timing"
         started = time.perf_counter()
-        saved = trainer.save_checkpoint(scratch, run.config.train.steps, accelerator, module, optimizer, scheduler)
+        saved = trainer.save_checkpoint(
+            scratch, run.config.train.steps, accelerator, module, optimizer, scheduler
+        )
         info["checkpoint_save_s"] = time.perf_counter() - started
         info["checkpoint_mib"] = dir_size_mib(saved)
 
@@ -124,13 +127,14 @@ def run_trainer(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "event" not in r]
     steps = []
-    previous = info["loop_start"]
+    previous = (info["loop_start"], info["loop_start_cpu"])
     for record in records:
         step = int(record["step"])
         steps.append(
             {
                 "step": step,
-                "time": stamps[step] - previous,
+                "time": stamps[step][0] - previous[0],
+                "cpu_time": stamps[step][1] - previous[1],
                 "in_loop_time": record["step_time"],
                 "tokens": record["tokens"],
                 "loss": record["loss"],
@@ -180,20 +184,39 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     method.modules.train()
     steps = []
     loop_start = previous = time.perf_counter()
+    previous_cpu = time.process_time()
     for step in range(train_cfg.steps):
         batch = dataset[step]
+        t_batch = time.perf_counter()
         out = method.loss(backbone, batch, stage)
+        t_forward = time.perf_counter()
         out.loss.backward()
+        t_backward = time.perf_counter()
         if train_cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
+        loss = float(out.loss.detach())
+        tokens = int(batch.valid.sum())
         steps.append(
-            {"step": step + 1, "time": now - previous, "tokens": int(batch.valid.sum()), "loss": float(out.loss.detach())}
+            {
+                "step": step + 1,
+                "time": now - previous,
+                "cpu_time": now_cpu - previous_cpu,
+                "tokens": tokens,
+                "loss": loss,
+                # phases (the float()/int() above and the loop bookkeeping fall into the next step's "batch")
+                "phases": {
+                    "batch": t_batch - previous,
+                    "forward": t_forward - t_batch,
+                    "backward": t_backward - t_forward,
+                    "optimizer": now - t_backward,
+                },
+            }
         )
-        previous = now
+        previous, previous_cpu = now, now_cpu
     return {
         "steps": steps,
         "setup_s": setup_s,
@@ -221,9 +244,20 @@ def spawn_variant(variant: str, args: argparse.Namespace, out_dir: Path, repeat:
     work_dir.mkdir(parents=True)
     result_file = out_dir / f"{variant}-{repeat}.json"
     command = [
-        sys.executable, os.path.abspath(__file__), "--variant", variant, "--work-dir", str(work_dir),
-        "--result", str(result_file), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--batch-size", str(args.batch_size),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--variant",
+        variant,
+        "--work-dir",
+        str(work_dir),
+        "--result",
+        str(result_file),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(args.batch_size),
     ]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -242,6 +276,8 @@ def summarize(runs: list[dict], warmup: int) -> dict:
     summary = {
         "steps": len(counted),
         "median_ms": 1000 * statistics.median(times),
+        "median_cpu_ms": 1000 * statistics.median(s["cpu_time"] for s in counted),
+        "p25_ms": 1000 * statistics.quantiles(times, n=4)[0] if len(times) > 1 else 1000 * times[0],
         "p90_ms": 1000 * statistics.quantiles(times, n=10)[-1] if len(times) > 1 else 1000 * times[0],
         "tokens_per_s": sum(s["tokens"] for s in counted) / sum(times),
         "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
@@ -250,6 +286,11 @@ def summarize(runs: list[dict], warmup: int) -> dict:
             1000 * statistics.median(s["time"] for s in run["steps"] if s["step"] > warmup) for run in runs
         ],
     }
+    if "phases" in counted[0]:
+        summary["phases_ms"] = {
+            name: 1000 * statistics.median(s["phases"][name] for s in counted)
+            for name in counted[0]["phases"]
+        }
     if "in_loop_time" in counted[0]:
         summary["in_loop_median_ms"] = 1000 * statistics.median(s["in_loop_time"] for s in counted)
     return summary
@@ -262,7 +303,9 @@ def environment() -> list[str]:
 
     model = "unknown"
     try:
-        for line in subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(
+            ["lscpu"], check=False, capture_output=True, text=True
+        ).stdout.splitlines():
             if line.startswith("Model name:"):
                 model = line.split(":", 1)[1].strip()
     except OSError:
@@ -283,7 +326,10 @@ def benchmark_main(args: argparse.Namespace) -> None:
     runs: dict[str, list[dict]] = {"bare": [], "trainer": []}
     for repeat in range(args.repeats):  # alternate, so slow drifts of the machine hit both variants
         for variant in ("bare", "trainer"):
-            print(f"[repeat {repeat + 1}/{args.repeats}] {variant}: {args.warmup}+{args.steps} steps ...", flush=True)
+            print(
+                f"[repeat {repeat + 1}/{args.repeats}] {variant}: {args.warmup}+{args.steps} steps ...",
+                flush=True,
+            )
             runs[variant].append(spawn_variant(variant, args, out_dir, repeat))
     bare, trainer = summarize(runs["bare"], args.warmup), summarize(runs["trainer"], args.warmup)
     overhead = 100 * (trainer["median_ms"] - bare["median_ms"]) / bare["median_ms"]
@@ -298,31 +344,68 @@ def benchmark_main(args: argparse.Namespace) -> None:
     print()
     print("| variant | steps | median step time (ms) | tokens/s | peak RSS (MiB) | overhead vs bare |")
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| bare loop | {bare['steps']} | {bare['median_ms']:.1f} | {bare['tokens_per_s']:.0f} | "
-          f"{bare['peak_rss_mib']:.0f} | - |")
-    print(f"| trainer | {trainer['steps']} | {trainer['median_ms']:.1f} | {trainer['tokens_per_s']:.0f} | "
-          f"{trainer['peak_rss_mib']:.0f} | {overhead:+.1f}% |")
+    print(
+        f"| bare loop | {bare['steps']} | {bare['median_ms']:.1f} | {bare['tokens_per_s']:.0f} | "
+        f"{bare['peak_rss_mib']:.0f} | - |"
+    )
+    print(
+        f"| trainer | {trainer['steps']} | {trainer['median_ms']:.1f} | {trainer['tokens_per_s']:.0f} | "
+        f"{trainer['peak_rss_mib']:.0f} | {overhead:+.1f}% |"
+    )
     print()
-    print(f"p90 step time (ms): bare {bare['p90_ms']:.1f}, trainer {trainer['p90_ms']:.1f}")
-    print("median step time per run (ms): bare " + ", ".join(f"{m:.1f}" for m in bare["per_repeat_median_ms"])
-          + "; trainer " + ", ".join(f"{m:.1f}" for m in trainer["per_repeat_median_ms"]))
+    print(
+        f"p25 / p90 step time (ms): bare {bare['p25_ms']:.1f} / {bare['p90_ms']:.1f}, "
+        f"trainer {trainer['p25_ms']:.1f} / {trainer['p90_ms']:.1f}"
+    )
+    cpu_overhead = 100 * (trainer["median_cpu_ms"] - bare["median_cpu_ms"]) / bare["median_cpu_ms"]
+    print(
+        f"median process CPU time per step (ms, both threads): bare {bare['median_cpu_ms']:.1f}, "
+        f"trainer {trainer['median_cpu_ms']:.1f} ({cpu_overhead:+.1f}%)"
+    )
+    print(
+        "process wall time per run (s): "
+        + "; ".join(f"{v} " + ", ".join(f"{r['process_wall_s']:.1f}" for r in rs) for v, rs in runs.items())
+    )
+    print(
+        "median step time per run (ms): bare "
+        + ", ".join(f"{m:.1f}" for m in bare["per_repeat_median_ms"])
+        + "; trainer "
+        + ", ".join(f"{m:.1f}" for m in trainer["per_repeat_median_ms"])
+    )
     for variant, variant_runs in runs.items():
         loads = ", ".join(f"{r['load'][0]:.2f}->{r['load'][1]:.2f}" for r in variant_runs)
         print(f"1-min load average before->after each {variant} run: {loads}")
-    print(f"trainer in-loop step_time from metrics.jsonl (excludes the JSON write): median "
-          f"{trainer['in_loop_median_ms']:.1f} ms")
-    print(f"peak RSS before the loop (setup): bare {bare['setup_peak_rss_mib']:.0f} MiB, "
-          f"trainer {trainer['setup_peak_rss_mib']:.0f} MiB")
+    print(
+        f"trainer in-loop step_time from metrics.jsonl (excludes the JSON write): median "
+        f"{trainer['in_loop_median_ms']:.1f} ms"
+    )
+    print(
+        f"peak RSS before the loop (setup): bare {bare['setup_peak_rss_mib']:.0f} MiB, "
+        f"trainer {trainer['setup_peak_rss_mib']:.0f} MiB"
+    )
+    phases = bare["phases_ms"]
+    print(
+        "bare loop, median per phase (ms): "
+        + ", ".join(
+            f"{name} {ms:.1f} ({100 * ms / sum(phases.values()):.0f}%)" for name, ms in phases.items()
+        )
+        + " [batch = LayoutDataset[i]: layouts (chat rendering, tokenizing, image preprocessing) + collate;"
+        " forward = method.loss incl. the vision tower; optimizer = clip + AdamW + scheduler + zero_grad]"
+    )
     first = runs["trainer"][0]
-    print(f"trainer: train() call {first['train_call_s']:.1f} s, of which loop "
-          f"{first['loop_end'] - first['loop_start']:.1f} s; one checkpoint save "
-          f"{1000 * first['checkpoint_save_s']:.0f} ms ({first['checkpoint_mib']:.1f} MiB)")
+    print(
+        f"trainer: train() call {first['train_call_s']:.1f} s, of which loop "
+        f"{first['loop_end'] - first['loop_start']:.1f} s; one checkpoint save "
+        f"{1000 * first['checkpoint_save_s']:.0f} ms ({first['checkpoint_mib']:.1f} MiB)"
+    )
     pairs = list(zip(runs["bare"][0]["steps"], first["steps"]))
     max_diff = max(abs(b["loss"] - t["loss"]) for b, t in pairs)
     same_tokens = all(b["tokens"] == t["tokens"] for b, t in pairs)
-    print(f"same batches: {'yes' if same_tokens else 'NO'} (tokens per step equal); loss step 1: bare "
-          f"{pairs[0][0]['loss']:.4f} trainer {pairs[0][1]['loss']:.4f}; last: bare {pairs[-1][0]['loss']:.4f} "
-          f"trainer {pairs[-1][1]['loss']:.4f}; max |diff| {max_diff:.2e}")
+    print(
+        f"same batches: {'yes' if same_tokens else 'NO'} (tokens per step equal); loss step 1: bare "
+        f"{pairs[0][0]['loss']:.4f} trainer {pairs[0][1]['loss']:.4f}; last: bare {pairs[-1][0]['loss']:.4f} "
+        f"trainer {pairs[-1][1]['loss']:.4f}; max |diff| {max_diff:.2e}"
+    )
     (out_dir / "summary.json").write_text(
         json.dumps({"bare": bare, "trainer": trainer, "overhead_pct": overhead, "args": vars(args)}, indent=1)
     )
@@ -331,45 +414,73 @@ def benchmark_main(args: argparse.Namespace) -> None:
 
 
 def quickstart_main(args: argparse.Namespace) -> None:
-    """Time the Quickstart command `latentkit train --method sft` end to end, as a fresh subprocess."""
+    """Time the Quickstart command `latentkit train --method sft` end to end, each time as a fresh subprocess."""
     out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="latentkit-quickstart-"))
-    output_dir = out_dir / "quickstart-runs"
-    shutil.rmtree(output_dir, ignore_errors=True)
     script = Path(sys.executable).with_name("latentkit")
     launcher = [str(script)] if script.is_file() else [sys.executable, "-m", "latentkit"]
-    command = [*launcher, "train", "--method", "sft", f"run.output_dir={output_dir}"]
-    print("$ " + " ".join(command), flush=True)
-    started = time.perf_counter()
-    completed = subprocess.run(command, check=False, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout + completed.stderr)
-        raise SystemExit(f"quickstart failed with exit code {completed.returncode}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    metrics = [json.loads(line) for line in next(output_dir.rglob("metrics.jsonl")).read_text().splitlines()]
-    metrics = [r for r in metrics if "event" not in r]
-    first, last = metrics[0], metrics[-1]
-    loop_s = sum(r["step_time"] for r in metrics)  # only logged steps (every log_every-th): a lower bound
+    results = []
+    for repeat in range(args.repeats):
+        output_dir = out_dir / f"quickstart-{repeat}"
+        shutil.rmtree(output_dir, ignore_errors=True)
+        command = [*launcher, "train", "--method", "sft", f"run.output_dir={output_dir}"]
+        print("$ " + " ".join(command), flush=True)
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        completed = subprocess.run(command, check=False, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if completed.returncode != 0:
+            sys.stderr.write(completed.stdout + completed.stderr)
+            raise SystemExit(f"quickstart failed with exit code {completed.returncode}")
+        metrics = [
+            json.loads(line) for line in next(output_dir.rglob("metrics.jsonl")).read_text().splitlines()
+        ]
+        metrics = [r for r in metrics if "event" not in r]
+        results.append((wall, load_before, os.getloadavg()[0], metrics))
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # max over the quickstart runs
     print()
     for line in environment():
         print(line)
-    print(f"quickstart `latentkit train --method sft`: wall {wall:.1f} s end to end, peak RSS {peak:.0f} MiB")
-    print(f"steps logged: {len(metrics)} (last step {last['step']}); loss at step {first['step']}: "
-          f"{first['loss']:.3f}, at step {last['step']}: {last['loss']:.3f}")
-    print(f"(sum of logged in-loop step_time: {loop_s:.1f} s over {len(metrics)} logged steps)")
+    for wall, load_before, load_after, metrics in results:
+        first, last = metrics[0], metrics[-1]
+        step_ms = 1000 * statistics.median(r["step_time"] for r in metrics)
+        print(
+            f"quickstart `latentkit train --method sft`: {wall:.1f} s end to end "
+            f"(1-min load average {load_before:.2f}->{load_after:.2f}); {last['step']} steps, "
+            f"median in-loop step_time of the logged steps {step_ms:.1f} ms; "
+            f"loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at step {last['step']}"
+        )
+    metrics = results[-1][3]
+    picks = sorted({round(i * (len(metrics) - 1) / 6) for i in range(7)})
+    print(
+        "loss curve (last run): "
+        + ", ".join(f"step {metrics[i]['step']}: {metrics[i]['loss']:.3f}" for i in picks)
+    )
+    print(f"peak RSS of the quickstart process: {peak:.0f} MiB")
     if not args.out_dir:
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="counted steps per run (default 60)")
-    parser.add_argument("--warmup", type=int, default=5, help="uncounted steps at the start of each run (default 5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="train.batch_size (default 8, the tiny default)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating (default 1)")
-    parser.add_argument("--out-dir", default=None, help="keep run dirs and JSON results here (default: temp, removed)")
-    parser.add_argument("--keep", action="store_true", help="keep the per-variant run directories in --out-dir")
-    parser.add_argument("--quickstart", action="store_true", help="time `latentkit train --method sft` end to end")
+    parser.add_argument("--steps", type=int, default=100, help="counted steps per run (default 100)")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="uncounted steps at the start of each run (default 10)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="train.batch_size (default 8, the tiny default)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per variant, alternating; --quickstart: runs (default 3)"
+    )
+    parser.add_argument(
+        "--out-dir", default=None, help="keep run dirs and JSON results here (default: temp, removed)"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the per-variant run directories in --out-dir"
+    )
+    parser.add_argument(
+        "--quickstart", action="store_true", help="time `latentkit train --method sft` end to end"
+    )
     parser.add_argument("--variant", choices=("trainer", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
