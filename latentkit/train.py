@@ -207,6 +207,8 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         _publish(directory / "stages" / last / "final", directory / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     accelerator.print(f"run finished: {directory} (final model in {directory / 'final'})")
     return directory
 

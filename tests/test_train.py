@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,11 +59,18 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
         assert torch.equal(straight[name], killed[name]), name
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_with_gloo(tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "latentkit"]
+    # A port of its own: two launches on the default port would join each other's process group.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    launch += ["--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "latentkit"]
     args = train_args(tmp_path, "ddp", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=1")
-    result = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, check=False)
+    result = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     latentkit(*train_args(tmp_path, "single", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=2"))
     two, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
