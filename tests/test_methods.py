@@ -70,7 +70,7 @@ def test_sft_labels_weights_and_loss_match_an_independent_computation(samples):
     assert set(layout.loss_weight[layout.kinds == int(Kind.TEXT)].tolist()) <= {0.0, 1.0}
 
     batch = collate([layout], backbone.tokenizer.pad_token_id)
-    loss = method.loss(backbone, batch, "sft").loss
+    loss = method.loss(backbone, batch, "sft").loss.detach()
     with torch.no_grad():
         logits = backbone.model(input_ids=layout.input_ids[None]).logits[0].double()
     numerator = denominator = 0.0
