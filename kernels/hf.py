@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from latentkit.kernels.dispatch import PreparedMask, attend
-from latentkit.kernels.reference import sdpa_attention
+from latentkit.kernels.reference import open_empty_rows, sdpa_attention
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -30,8 +30,7 @@ def latentkit_attention(
     if isinstance(attention_mask, PreparedMask):
         out = attend(query, key, value, attention_mask, scaling)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-        row_has_keys = attention_mask.any(dim=-1, keepdim=True)
-        out = sdpa_attention(query, key, value, attention_mask | ~row_has_keys, row_has_keys, scaling)
+        out = sdpa_attention(query, key, value, *open_empty_rows(attention_mask), scaling)
     else:
         raise RuntimeError(
             f"{ATTN_IMPLEMENTATION} attention received no usable mask ({type(attention_mask).__name__}); "

@@ -10,9 +10,12 @@ from latentkit.masks import MaskSpec
 
 def dense_mask_for_sdpa(mask: MaskSpec, num_queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense bool [B,1,Nq,Nk] safe for SDPA, bool [B,1,Nq,1] of rows that may attend to something)."""
-    dense = mask.to_dense(num_queries)
+    return open_empty_rows(mask.to_dense(num_queries))
+
+
+def open_empty_rows(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fully masked rows would give NaN in SDPA (forward and backward): open them; callers zero their output."""
     row_has_keys = dense.any(dim=-1, keepdim=True)
-    # Fully masked rows would give NaN in SDPA (forward and backward): open them, then zero their output.
     return dense | ~row_has_keys, row_has_keys
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from latentkit.backbone import Backbone
+from latentkit.backbone.lora import unwrap_lora
 from latentkit.errors import CheckpointError
 from latentkit.registry import Method
 
@@ -90,6 +91,20 @@ def prune_checkpoints(stage_dir: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def replace_directory(staging: Path, target: Path) -> None:
+    """Put a fully written `staging` directory in place of `target` (a reader never sees a half-written one)."""
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def publish_copy(source: Path, target: Path) -> None:
+    staging = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    replace_directory(staging, target)
+
+
 def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> None:
     """A stage's output: HF-format backbone plus the method's own modules, written atomically."""
     staging = target.with_name(f".tmp-{target.name}")
@@ -98,16 +113,14 @@ def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> 
     if len(list(method.modules.parameters())) > 0:
         save_file({k: v.contiguous() for k, v in method.modules.state_dict().items()}, str(staging / METHOD_MODULES_FILE))
     (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
+    replace_directory(staging, target)
 
 
 def load_final_weights(module: nn.Module, final_dir: Path) -> None:
     """Start a stage from an earlier stage's final weights (e.g. Monet stage 3 from stage 1)."""
     if not (final_dir / METHOD_FILE).is_file():
         raise CheckpointError(f"{final_dir} is missing: run the stage that writes it first (train.stage=...)")
-    target = module.model.get_base_model() if hasattr(module.model, "get_base_model") else module.model
+    target = unwrap_lora(module.model)
     # from_pretrained undoes any key renaming save_pretrained applied; then copy into the live model.
     saved = type(target).from_pretrained(final_dir, local_files_only=True, dtype=target.dtype)
     target.load_state_dict(saved.state_dict())

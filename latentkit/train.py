@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from latentkit.checkpoint import (
     load_checkpoint_into,
     load_final_weights,
     prune_checkpoints,
+    publish_copy,
     save_checkpoint,
     save_final,
 )
@@ -204,7 +204,7 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         _run_stage(run, accelerator, module, records.samples, stage, stage_index)
     if accelerator.is_main_process:
         last = config.train.stage or stages[-1]
-        _publish(directory / "stages" / last / "final", directory / "final")
+        publish_copy(directory / "stages" / last / "final", directory / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_initialized():
@@ -212,14 +212,6 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
     accelerator.print(f"run finished: {directory} (final model in {directory / 'final'})")
     return directory
 
-
-def _publish(source: Path, target: Path) -> None:
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
 
 
 def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int) -> None:
@@ -269,37 +261,40 @@ def _loop(run: Run, accelerator: Any, module: nn.Module, optimizer, scheduler, b
     module.train()
     for step in range(start_step, train_cfg.steps):
         started = time.perf_counter()
-        totals: dict[str, float] = {}
+        loss = torch.zeros((), device=accelerator.device)
+        averages: dict[str, float] = {}  # method metrics, averaged over micro-batches
+        tokens = 0
         for micro in range(train_cfg.grad_accum):
             batch = next(batches).to(accelerator.device)
             last_micro = micro == train_cfg.grad_accum - 1
             with nullcontext() if last_micro else accelerator.no_sync(module):
                 out = module(batch, stage)
                 accelerator.backward(out.loss / train_cfg.grad_accum)
-            totals["loss"] = totals.get("loss", 0.0) + float(out.loss.detach()) / train_cfg.grad_accum
+            loss += out.loss.detach() / train_cfg.grad_accum
             for key, value in out.metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / train_cfg.grad_accum
-            totals["tokens"] = totals.get("tokens", 0.0) + float(batch.valid.sum()) * train_cfg.grad_accum
+                averages[key] = averages.get(key, 0.0) + float(value) / train_cfg.grad_accum
+            tokens += int(batch.valid.sum())
         grad_norm = None
         if train_cfg.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
+            grad_norm = accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage {stage} step {done}: loss is {float(loss)} (lower train.lr?)")
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            reduced = accelerator.reduce(torch.tensor(list(totals.values()), device=accelerator.device), "mean")
-            metrics = dict(zip(totals, (float(v) for v in reduced)))
-            metrics["tokens"] *= accelerator.num_processes / train_cfg.grad_accum
-            record = {"stage": stage, "step": done, **metrics, "lr": scheduler.get_last_lr()[0]}
+            values = torch.tensor([float(loss), *averages.values(), tokens], device=accelerator.device)
+            reduced = accelerator.reduce(values, "mean").tolist()
+            record = {"stage": stage, "step": done, "loss": reduced[0], **dict(zip(averages, reduced[1:-1]))}
+            record["tokens"] = reduced[-1] * accelerator.num_processes  # summed over processes
+            record["lr"] = scheduler.get_last_lr()[0]
             record["step_time"] = time.perf_counter() - started
-            if grad_norm is not None and math.isfinite(grad_norm):
-                record["grad_norm"] = grad_norm
+            if grad_norm is not None and math.isfinite(float(grad_norm)):
+                record["grad_norm"] = float(grad_norm)
             _log(run, accelerator, record)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if not math.isfinite(totals["loss"]):
-            raise FloatingPointError(f"stage {stage} step {done}: loss is {totals['loss']} (lower train.lr?)")
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
         if done % train_cfg.checkpoint_every == 0 and done < train_cfg.steps:
             save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
             if accelerator.is_main_process:

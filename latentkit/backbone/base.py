@@ -69,6 +69,12 @@ class Backbone:
         self._use_latentkit_attention()
         self.add_tokens(self.chat.special_tokens())
 
+    def hf_model(self) -> nn.Module:
+        """The HF model class instance (the LoRA wrapper's base model, if LoRA is on)."""
+        from latentkit.backbone.lora import unwrap_lora
+
+        return unwrap_lora(self.model)
+
     # --- family-specific pieces --------------------------------------------------------------------------
     def decoder(self) -> nn.Module:
         """The decoder stack (embeddings, layers, final norm) that takes inputs_embeds."""

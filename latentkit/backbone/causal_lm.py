@@ -12,12 +12,9 @@ from latentkit.backbone.base import Backbone
 class CausalLMBackbone(Backbone):
     family: ClassVar[str] = "causal_lm"
 
-    def _base(self) -> nn.Module:
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def decoder(self) -> nn.Module:
-        return self._base().model
+        return self.hf_model().model
 
     def module_groups(self) -> dict[str, nn.Module]:
         decoder = self.decoder()
-        return {"embeddings": decoder.embed_tokens, "language_model": decoder, "lm_head": self._base().lm_head}
+        return {"embeddings": decoder.embed_tokens, "language_model": decoder, "lm_head": self.hf_model().lm_head}

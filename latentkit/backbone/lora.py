@@ -20,6 +20,11 @@ def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
 
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """The HF model, under a LoRA wrapper if there is one."""
+    return model.get_base_model() if is_lora(model) else model
+
+
 def save_model(model: nn.Module, path: Path) -> None:
     """Plain HF weights: a LoRA model is merged in a copy (the live model keeps training bit-exactly)."""
     if is_lora(model):

@@ -55,15 +55,11 @@ class QwenVLBackbone(Backbone):
         super().__init__(model, tokenizer, attn_backend)
         self.image_token_id = self.token_id(self.chat.image_pad)
 
-    def _base(self) -> nn.Module:
-        """The HF *ForConditionalGeneration model, under a LoRA wrapper if there is one."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
     def decoder(self) -> nn.Module:
-        return self._base().model.language_model
+        return self.hf_model().model.language_model
 
     def vision(self) -> nn.Module:
-        return self._base().model.visual
+        return self.hf_model().model.visual
 
     def module_groups(self) -> dict[str, nn.Module]:
         decoder = self.decoder()
@@ -71,7 +67,7 @@ class QwenVLBackbone(Backbone):
             "vision": self.vision(),
             "embeddings": decoder.embed_tokens,
             "language_model": decoder,
-            "lm_head": self._base().lm_head,
+            "lm_head": self.hf_model().lm_head,
         }
 
     def _use_latentkit_attention(self) -> None:

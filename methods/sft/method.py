@@ -36,7 +36,7 @@ def sft_layout(backbone: Backbone, sample: Sample, config: SFTConfig, prompt_onl
 def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
     hidden = backbone.forward(inputs_embeds(backbone, batch), batch.position_ids, method.mask(batch, stage))
     loss, targets = weighted_next_token_ce(backbone, hidden.last_hidden_state, batch.labels, batch.loss_weight)
-    return LossOutput(loss, {"ce": float(loss.detach()), "target_tokens": float(targets)})
+    return LossOutput(loss, {"target_tokens": float(targets)})
 
 
 @register_method("sft")
