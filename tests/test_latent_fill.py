@@ -1,0 +1,122 @@
+"""The latent engine's batched fill (KV cache, chunked by slot) equals a one-sample, one-slot-at-a-time
+forward without a cache, under causal and Monet stage-2 masks, with images and samples of different shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentkit.backbone import build_backbone
+from latentkit.config import ModelSection
+from latentkit.latent import fill_latents, fill_latents_reference, slot_positions
+from latentkit.layout import Kind, LayoutBuilder, collate, inputs_embeds
+from latentkit.masks import causal_mask, monet_stage2, with_padding
+from latentkit.synth.zoom import generate_synth_zoom
+from latentkit.records import load_split
+
+TOKENS = ("<lat>", "<lat_pad>", "</lat>")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelSection(preset="tiny-qwen2.5-vl"))
+    backbone.add_tokens(list(TOKENS))
+    backbone.model.eval()
+    return backbone
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoom")
+    generate_synth_zoom(root, n_train=2, n_val=0, n_test=0)
+    sample = load_split(root, "train").samples[0]
+    return sample.images[0], sample.aux_images[0]
+
+
+def layout_with(backbone, images, texts: list[str], ks: list[int]):
+    """text0 [aux image, latent block of k] text1 [...] ... with the question image first."""
+    question, aux = images
+    builder = LayoutBuilder(backbone)
+    builder.add_image(question, Kind.IMAGE, 0)
+    builder.add_text(texts[0], Kind.TEXT, 0)
+    for index, k in enumerate(ks, start=1):
+        builder.add_image(aux, Kind.AUX_IMAGE, index)
+        builder.add_latent(*TOKENS, k=k, segment_index=index)
+        builder.add_text(texts[index], Kind.TEXT, index)
+    return builder.build(f"s{len(ks)}")
+
+
+def stage2_blocks(layout):
+    aux = [slot for slot in layout.images if slot.kind == Kind.AUX_IMAGE]
+    return [(img.start - 1, img.end + 1, lat.start, lat.end) for img, lat in zip(aux, layout.latents)]
+
+
+@pytest.mark.parametrize("masking", ["causal", "monet_stage2"])
+def test_batched_fill_equals_one_sample_at_a_time(backbone, images, masking):
+    layouts = [
+        layout_with(backbone, images, ["where is it?", "I see red", "and a circle then"], [3, 2]),
+        layout_with(backbone, images, ["a much longer question about the picture", "ok"], [4]),
+        layout_with(backbone, images, ["no latents here at all"], []),
+        layout_with(backbone, images, ["q", "a", "b", "c"], [1, 1, 2]),
+    ]
+    batch = collate(layouts, backbone.tokenizer.pad_token_id)
+    size, length = batch.input_ids.shape
+    if masking == "causal":
+        mask = with_padding(causal_mask(size, length), batch.valid)
+    else:
+        mask = monet_stage2([stage2_blocks(layout) for layout in layouts], length, batch.valid)
+    slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents] for layout in layouts])
+    with torch.no_grad():
+        embeds = inputs_embeds(backbone, batch)
+        filled = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in layouts])
+        reference = fill_latents_reference(backbone, embeds, batch.position_ids, mask, slots)
+    assert filled.values.shape[:2] == (4, 5)  # the most slots: 3 + 2
+    for b, expected in enumerate(reference):
+        n = len(slots[b])
+        assert filled.positions[b, :n].tolist() == slots[b]
+        assert (filled.positions[b, n:] == -1).all()
+        torch.testing.assert_close(filled.values[b, :n], expected, atol=1e-5, rtol=1e-4)
+    # the first latent of a block is h(start token), i.e. the hidden state one position before the slot
+    written = filled.write(embeds)
+    assert torch.equal(written[0, slots[0][0]], filled.values[0, 0])
+    assert torch.equal(written[0, slots[0][0] - 1], embeds[0, slots[0][0] - 1])
+
+
+def test_stage2_mask_changes_the_latents(backbone, images):
+    """The mask is really applied: hiding the auxiliary image from the text changes later latents."""
+    layout = layout_with(backbone, images, ["where?", "red", "then"], [2, 2])
+    batch = collate([layout], backbone.tokenizer.pad_token_id)
+    slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents]])
+    length = batch.input_ids.shape[1]
+    with torch.no_grad():
+        embeds = inputs_embeds(backbone, batch)
+        plain = fill_latents(backbone, embeds, batch.position_ids, causal_mask(1, length), slots, [length])
+        controlled = monet_stage2([stage2_blocks(layout)], length)
+        masked = fill_latents(backbone, embeds, batch.position_ids, controlled, slots, [length])
+    torch.testing.assert_close(plain.values[0, :2], masked.values[0, :2])  # block 1 sees the same as causal
+    assert not torch.allclose(plain.values[0, 2:], masked.values[0, 2:])  # block 2's prefix lost image 1
+
+
+def test_fill_keeps_the_graph_unless_detached(backbone, images):
+    layout = layout_with(backbone, images, ["q", "a"], [3])
+    batch = collate([layout], backbone.tokenizer.pad_token_id)
+    slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents]])
+    length = batch.input_ids.shape[1]
+    embeds = inputs_embeds(backbone, batch)
+    mask = causal_mask(1, length)
+    kept = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length])
+    assert kept.values.requires_grad
+    # The third latent depends on the first through the feedback loop.
+    first_input = torch.autograd.grad(kept.values[0, 2].sum(), kept.values, retain_graph=True)[0]
+    assert first_input is not None
+    detached = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length], detach_feedback=True)
+    assert not detached.values.requires_grad
+
+
+def test_bad_slot_positions_are_refused(backbone):
+    embeds = torch.zeros(1, 5, backbone.hidden_size)
+    with pytest.raises(ValueError, match="sample 0 has slot positions"):
+        fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[3, 2]], [5])
+    with pytest.raises(ValueError, match="within"):
+        fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[0]], [5])
