@@ -100,12 +100,21 @@ class LayoutBuilder:
         self.images.append(ImageSlot(processed, kind, start, len(self.ids), segment_index))
         self.add_token(chat.vision_end, kind, segment_index)
 
-    def add_latent(self, start_token: str, slot_token: str, end_token: str, k: int, segment_index: int) -> None:
-        """start token, K latent slots (filled later through inputs_embeds), end token."""
+    def add_latent(
+        self,
+        start_token: str,
+        slot_token: str,
+        end_token: str,
+        k: int,
+        segment_index: int,
+        train_start: bool = False,
+        train_end: bool = False,
+    ) -> None:
+        """start token, K latent slots (filled later through inputs_embeds), end token; slots are never targets."""
         start = len(self.ids)
-        self.add_token(start_token, Kind.LATENT, segment_index)
+        self.add_token(start_token, Kind.LATENT, segment_index, train=train_start)
         self.add_ids([self.backbone.token_id(slot_token)] * k, Kind.LATENT, segment_index)
-        self.add_token(end_token, Kind.LATENT, segment_index)
+        self.add_token(end_token, Kind.LATENT, segment_index, train=train_end)
         self.latents.append(LatentSlot(start, len(self.ids) - 1, segment_index))
 
     def build(self, sample_id: str) -> Layout:

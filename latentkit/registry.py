@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -24,13 +26,32 @@ if TYPE_CHECKING:
     from latentkit.segments import Sample
 
 ENTRY_POINT_GROUP = "latentkit.methods"
-BUILTIN_MODULES = ("latentkit.methods.sft",)
+BUILTIN_MODULES = ("latentkit.methods.sft", "latentkit.methods.monet")
 
 
 @dataclass
 class LossOutput:
     loss: torch.Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """What `Method.prepare_stage` may use: the run, this process's place in it, and the stage outputs so far."""
+
+    run_dir: Path
+    stage_dir: Path
+    samples: list[Sample]
+    process_index: int
+    num_processes: int
+    barrier: Callable[[], None]
+    log: Callable[[dict[str, Any]], None]  # an event line in metrics.jsonl (main process)
+    load_stage_weights: Callable[[str], None]  # load an earlier stage's final weights into the live model
+    progress: bool = True
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
 
 
 class Method(ABC):
@@ -51,6 +72,10 @@ class Method(ABC):
     def stage_init(self, stage: str) -> str | None:
         """The earlier stage whose final weights this stage starts from (None: continue from the previous)."""
         return None
+
+    def prepare_stage(self, stage: str, context: StageContext) -> None:
+        """Build what a stage needs before its first step (e.g. cached teacher representations); called on every
+        process after the stage's initial weights are loaded and before its optimizer exists."""
 
     @abstractmethod
     def layout(self, sample: Sample, stage: str) -> Layout: ...

@@ -36,7 +36,7 @@ from latentkit.data import load_training_records
 from latentkit.errors import CheckpointError, ConfigError, DataError
 from latentkit.layout import Batch, Layout, collate
 from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group
-from latentkit.registry import LossOutput, Method, get_method
+from latentkit.registry import LossOutput, Method, StageContext, get_method
 from latentkit.segments import Sample
 
 
@@ -229,6 +229,20 @@ def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Samp
     init_from = run.method.stage_init(stage)
     if init_from is not None:
         load_final_weights(accelerator.unwrap_model(module), run.directory / "stages" / init_from / "final")
+    context = StageContext(
+        run_dir=run.directory,
+        stage_dir=stage_dir,
+        samples=samples,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
+        log=lambda event: _log(run, accelerator, {"stage": stage, **event}),
+        load_stage_weights=lambda name: load_final_weights(
+            accelerator.unwrap_model(module), run.directory / "stages" / name / "final"
+        ),
+        progress=train_cfg.progress,
+    )
+    run.method.prepare_stage(stage, context)
 
     groups = freeze_and_group(run.backbone, run.method, train_cfg.freeze, train_cfg.module_lr)
     optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))

@@ -120,3 +120,21 @@ def test_bad_slot_positions_are_refused(backbone):
         fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[3, 2]], [5])
     with pytest.raises(ValueError, match="within"):
         fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[0]], [5])
+
+
+def test_fill_keeps_its_cache_under_gradient_checkpointing(images):
+    """HF layers drop the KV cache when checkpointing in training mode; the fill must not be affected."""
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelSection(preset="tiny-qwen2.5-vl", gradient_checkpointing=True))
+    backbone.add_tokens(list(TOKENS))
+    backbone.model.train()
+    layout = layout_with(backbone, images, ["q", "a", "b"], [2, 2])
+    batch = collate([layout], backbone.tokenizer.pad_token_id)
+    slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents]])
+    length = batch.input_ids.shape[1]
+    embeds = inputs_embeds(backbone, batch)
+    filled = fill_latents(backbone, embeds, batch.position_ids, causal_mask(1, length), slots, [length])
+    with torch.no_grad():
+        reference = fill_latents_reference(backbone, embeds, batch.position_ids, causal_mask(1, length), slots)
+    torch.testing.assert_close(filled.values[0].detach(), reference[0], atol=1e-5, rtol=1e-4)
+    assert all(layer.gradient_checkpointing for layer in backbone.decoder().layers)

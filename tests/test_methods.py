@@ -11,14 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from latentkit.backbone import PRESETS, build_backbone
+from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
 from latentkit.eval.answer import answer_samples
 from latentkit.eval.generate import SamplingParams
 from latentkit.layout import Kind, collate
 from latentkit.optim import freeze_and_group
 from latentkit.records import load_split
-from latentkit.registry import get_method, list_methods
+from latentkit.registry import StageContext, get_method, list_methods
 from latentkit.synth.zoom import generate_synth_zoom
+from latentkit.train import TrainModule
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def text_only(sample):
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("name", [info.name for info in list_methods()])
-def test_training_step_reaches_every_trainable_parameter(name, preset, samples):
+def test_training_step_reaches_every_trainable_parameter(name, preset, samples, tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone(ModelSection(preset=preset))
     method_cls = get_method(name)
@@ -43,7 +45,14 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples):
     batch_samples = samples[:2] if backbone.supports_images else [text_only(s) for s in samples[:2]]
     groups = freeze_and_group(backbone, method, freeze=[], module_lr={})
     trainable = [p for params in groups.values() for p in params]
+    module = TrainModule(backbone, method)
     for stage in method.stages:
+        stage_dir = tmp_path / "stages" / stage
+        context = StageContext(
+            tmp_path, stage_dir, batch_samples, 0, 1, lambda: None, lambda event: None,
+            lambda earlier: load_final_weights(module, tmp_path / "stages" / earlier / "final"), progress=False,
+        )
+        method.prepare_stage(stage, context)
         batch = collate([method.layout(s, stage) for s in batch_samples], backbone.tokenizer.pad_token_id)
         for parameter in trainable:
             parameter.grad = None
@@ -52,6 +61,7 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples):
         out.loss.backward()
         missing = [n for n, p in backbone.model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
         assert not missing, f"{name}/{stage} on {preset}: no gradient for {missing[:5]}"
+        save_final(backbone, method, stage, stage_dir / "final")
     answers = answer_samples(method, batch_samples, SamplingParams(max_new_tokens=3), batch_size=2)
     assert [a.sample.sample_id for a in answers] == [s.sample_id for s in batch_samples]
     assert all(a.finish_reason in ("eos", "length") for a in answers)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from latentkit.backbone import Backbone
-from latentkit.eval.generate import Generation, SamplingParams, generate
+from latentkit.eval.generate import Generation, SamplingParams, StepFunction, generate
 from latentkit.layout import Kind, LayoutBuilder
 from latentkit.registry import Method
 from latentkit.segments import Sample
@@ -49,11 +49,16 @@ def answer_samples(
     batch_size: int,
     aux_images: AuxImages = "none",
     on_batch: Callable[[list[Answer]], None] | None = None,
+    step_function: StepFunction | None = None,
 ) -> list[Answer]:
-    """Answers in `samples` order, generated `batch_size` prompts at a time; `on_batch` sees each batch's."""
+    """Answers in `samples` order, generated `batch_size` prompts at a time; `on_batch` sees each batch's.
+
+    `step_function` replaces the method's own decoding (e.g. a latent step with an intervention, for diagnostics).
+    """
     answers: list[Answer] = []
     for start in range(0, len(samples), batch_size):
-        batch = _answer_batch(method, list(samples[start : start + batch_size]), params, aux_images)
+        batch_samples = list(samples[start : start + batch_size])
+        batch = _answer_batch(method, batch_samples, params, aux_images, step_function)
         if on_batch is not None:
             on_batch(batch)
         answers.extend(batch)
@@ -61,7 +66,11 @@ def answer_samples(
 
 
 def _answer_batch(
-    method: Method, samples: list[Sample], params: SamplingParams, aux_images: AuxImages
+    method: Method,
+    samples: list[Sample],
+    params: SamplingParams,
+    aux_images: AuxImages,
+    step_function: StepFunction | None,
 ) -> list[Answer]:
     backbone = method.backbone
     use_tool = aux_images == "dataset" and backbone.supports_images
@@ -80,7 +89,7 @@ def _answer_batch(
             seed=params.seed + round_index,
         )
         layouts = [pending[row].builder.build(pending[row].sample.sample_id) for row in active]
-        generations = generate(backbone, layouts, step_params, method.step_function())
+        generations = generate(backbone, layouts, step_params, step_function or method.step_function())
         still_active = []
         for row, generation in zip(active, generations):
             item = pending[row]

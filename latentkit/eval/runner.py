@@ -221,6 +221,7 @@ def score_record(answers: Sequence[Answer], scorer: Scorer, header: dict[str, An
         "num_correct": sum(score.correct for score in scores),
         "num_samples": len(answers),
         "run": header,
+        **answers[0].extras,  # what the decoding reported (latent blocks and steps for latent methods)
     }
     if len(answers) > 1:
         record["samples"] = [

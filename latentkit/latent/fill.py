@@ -10,9 +10,12 @@ over cache indices, which keeps the sequence order of each sample's real tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from latentkit.backbone import Backbone
@@ -83,9 +86,44 @@ def fill_latents(
         offsets.append(offsets[-1] + length)
     total = offsets[-1]
     cache_spec = _cache_mask(mask, bounds, offsets, total)
+    with _cache_kept(backbone.hf_model()):
+        fed = _run_chunks(backbone, embeds, position_ids, cache_spec, slots, bounds, chunk_lengths, offsets, detach_feedback)
+    for b in range(size):
+        if fed[b]:
+            values[b, : len(fed[b])] = torch.stack(fed[b])
+            positions[b, : len(fed[b])] = torch.tensor(slots[b], device=device)
+    return FilledLatents(values, positions)
+
+
+@contextmanager
+def _cache_kept(model: nn.Module) -> Iterator[None]:
+    """HF layers drop the KV cache under gradient checkpointing in training; the fill needs it, so it runs without."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
+def _run_chunks(
+    backbone: Backbone,
+    embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_spec: MaskSpec,
+    slots: list[list[int]],
+    bounds: list[list[int]],
+    chunk_lengths: list[int],
+    offsets: list[int],
+    detach_feedback: bool,
+) -> list[list[torch.Tensor]]:
+    size, _, dim = embeds.shape
+    device = embeds.device
     cache = DynamicCache(config=backbone.hf_model().config)
     fed: list[list[torch.Tensor]] = [[] for _ in range(size)]
-    for k in range(steps):
+    for k in range(len(chunk_lengths)):
         length = chunk_lengths[k]
         chunk = embeds.new_zeros(size, length, dim)
         chunk_positions = position_ids.new_zeros((*position_ids.shape[:-2], size, length))
@@ -106,11 +144,7 @@ def fill_latents(
         for b in range(size):
             if k < len(slots[b]):
                 fed[b].append(hidden[b].detach() if detach_feedback else hidden[b])
-    for b in range(size):
-        if fed[b]:
-            values[b, : len(fed[b])] = torch.stack(fed[b])
-            positions[b, : len(fed[b])] = torch.tensor(slots[b], device=device)
-    return FilledLatents(values, positions)
+    return fed
 
 
 def _cache_mask(mask: MaskSpec, bounds: list[list[int]], offsets: list[int], total: int) -> MaskSpec:

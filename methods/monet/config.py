@@ -1,0 +1,29 @@
+"""Monet's `method:` config section (specs/monet.md; defaults are the paper's)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from latentkit.config import StrictModel
+
+
+class MonetConfig(StrictModel):
+    latent_tokens: tuple[str, str, str] = ("<abs_vis_token>", "<abs_vis_token_pad>", "</abs_vis_token>")  # start, slot, end
+    observation_tags: tuple[str, str] = ("<observation>", "</observation>")
+    num_latents: int = Field(8, gt=0)  # K latent slots per auxiliary image in training
+    warmup_observation_weight: float = Field(2.0, ge=0.0)  # stage 1
+    observation_weight: float = Field(4.0, ge=0.0)  # stages 2 and 3
+    alignment_weight: float = Field(2.0, ge=0.0)  # alpha of stage 2 (the official code's effective value is 4)
+    target_alignment_weight: float = Field(2.0, ge=0.0)  # stage 3
+    # Ablation switches (stage 2): the paper's latent-only backprop, the observation alignment itself, and the
+    # official code's cosine over the token axis instead of the hidden axis.
+    latent_only_backprop: bool = True
+    observation_alignment: bool = True
+    cosine_axis: Literal["hidden", "token"] = "hidden"
+    train_observation_tags: bool = True  # stages 2-3; stage 1 ignores the tags (spec)
+    cache_batch_size: int = Field(8, gt=0)  # batch of the teacher and target passes
+    decode_latents: int | None = Field(None, gt=0)  # test-time K (default num_latents)
+    decode_stop_at_end: bool = True  # a latent block ends early when the model samples the end token
+    decode_force: bool = False  # every answer opens with a latent block

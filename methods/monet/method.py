@@ -1,0 +1,205 @@
+"""Monet (specs/monet.md): stage `warmup` (interleaved SFT, observation weight x2), stage `distill` (latents
+after each auxiliary image under the controlled mask, aligned to the frozen warm-up model's observation
+representations by latent-only backprop), stage `latent` (from the warm-up weights, auxiliary images replaced
+by latents aligned to the distill model's latents). Decoding: `latentkit.latent.LatentStep`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latentkit.backbone import Backbone
+from latentkit.errors import CheckpointError
+from latentkit.eval.model import model_fingerprint
+from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_latents
+from latentkit.layout import Batch, Layout, collate, inputs_embeds
+from latentkit.losses import weighted_next_token_ce
+from latentkit.masks import MaskSpec
+from latentkit.methods.monet.cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
+from latentkit.methods.monet.config import MonetConfig
+from latentkit.methods.monet.layout import (
+    latent_layout,
+    latent_slot_positions,
+    observation_positions,
+    stage2_mask,
+    teacher_layout,
+)
+from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
+from latentkit.methods.sft.method import sft_loss
+from latentkit.registry import LossOutput, Method, StageContext, register_method
+from latentkit.segments import Sample
+
+TEACHER = "teacher"
+TARGETS = "targets"
+
+
+@register_method("monet")
+class Monet(Method):
+    Config = MonetConfig
+    stages = ("warmup", "distill", "latent")
+    config: MonetConfig
+
+    def __init__(self, config: MonetConfig):
+        super().__init__(config)
+        self.caches: dict[str, RepresentationCache] = {}
+
+    def setup(self, backbone: Backbone) -> None:
+        super().setup(backbone)
+        backbone.add_tokens([*self.config.latent_tokens, *self.config.observation_tags])
+
+    def stage_init(self, stage: str) -> str | None:
+        # Stage 2 starts from (and its teacher is) the warm-up model; stage 3 starts from it too, not from stage 2.
+        return "warmup" if stage in ("distill", "latent") else None
+
+    # --- layouts and masks ------------------------------------------------------------------------------
+    def layout(self, sample: Sample, stage: str) -> Layout:
+        if stage == "warmup":
+            return teacher_layout(self.backbone, sample, self.config)
+        return latent_layout(self.backbone, sample, self.config, keep_aux_images=stage == "distill")
+
+    def mask(self, batch: Batch, stage: str) -> MaskSpec:
+        return stage2_mask(batch) if stage == "distill" else super().mask(batch, stage)
+
+    # --- stage artifacts ----------------------------------------------------------------------------------
+    def prepare_stage(self, stage: str, context: StageContext) -> None:
+        stages_dir = context.run_dir / "stages"
+        if stage == "distill" and self.config.observation_alignment:
+            expected = self._fingerprint(TEACHER, stages_dir / "warmup" / "final", context.samples)
+            self.caches[TEACHER] = ensure_cache(
+                context.stage_dir / TEACHER, TEACHER, expected, context.samples, self.teacher_representations,
+                self.config.cache_batch_size, context,
+            )
+        elif stage == "latent":
+            expected = self._fingerprint(TARGETS, stages_dir / "distill" / "final", context.samples)
+            directory = stages_dir / "distill" / TARGETS
+            if cache_fingerprint(directory) != expected:
+                context.load_stage_weights("distill")  # the targets come from the stage-2 model
+            self.caches[TARGETS] = ensure_cache(
+                directory, TARGETS, expected, context.samples, self.target_latents, self.config.cache_batch_size, context
+            )
+            context.load_stage_weights("warmup")
+
+    def _fingerprint(self, kind: str, weights_dir, samples: list[Sample]) -> str:
+        if not weights_dir.is_dir():
+            raise CheckpointError(f"{weights_dir} is missing: run the stage that writes it first (train.stage=...)")
+        settings = {
+            "kind": kind,
+            "config": self.config.model_dump(mode="json", exclude={"cache_batch_size"}),
+            "dtype": str(self.backbone.model.dtype),
+        }
+        return fingerprint(model_fingerprint(weights_dir, None), samples, settings)
+
+    @torch.no_grad()
+    def teacher_representations(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Stage 2 step 1: every layer's hidden states at the observation positions of the stage-1 sequence."""
+        backbone = self.backbone
+        layouts = [teacher_layout(backbone, sample, self.config) for sample in samples]
+        batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
+        with _eval_mode(backbone):
+            out = backbone.forward(inputs_embeds(backbone, batch), batch.position_ids, super().mask(batch, "warmup"), output_hidden_states=True)
+        close = backbone.token_id(self.config.observation_tags[1])
+        return _gather(out.hidden_states, layouts, lambda layout: observation_positions(layout, close))
+
+    @torch.no_grad()
+    def target_latents(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Stage 2 output: the stage-2 model in latent mode, auxiliary images visible under the controlled mask;
+        every layer's hidden states at every latent slot."""
+        backbone = self.backbone
+        layouts = [latent_layout(backbone, sample, self.config, keep_aux_images=True) for sample in samples]
+        batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
+        mask = stage2_mask(batch)
+        with _eval_mode(backbone):
+            embeds = inputs_embeds(backbone, batch)
+            filled = self._fill(batch, embeds, mask)
+            out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
+        return _gather(out.hidden_states, layouts, _slot_index)
+
+    # --- losses -------------------------------------------------------------------------------------------
+    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
+        if stage == "warmup":
+            return sft_loss(self, backbone, batch, stage)
+        if stage == "distill":
+            return self._distill_loss(backbone, batch)
+        return self._latent_loss(backbone, batch)
+
+    def _fill(self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec) -> FilledLatents:
+        slots = [latent_slot_positions(layout) for layout in batch.layouts]
+        return fill_latents(self.backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts])
+
+    def _cache(self, kind: str) -> RepresentationCache:
+        if kind not in self.caches:
+            raise CheckpointError(f"monet: the {kind} cache is not loaded; prepare_stage must run before the loss")
+        return self.caches[kind]
+
+    def _distill_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
+        """Stage 2: forward 1 fills the latents; forward 2 reads them; CE + alpha * latent-only alignment."""
+        config = self.config
+        mask = stage2_mask(batch)
+        embeds = inputs_embeds(backbone, batch)
+        filled = self._fill(batch, embeds, mask)
+        latent_inputs = filled.values
+        if config.latent_only_backprop:
+            latent_inputs = filled.values.detach().requires_grad_(True)
+        out = backbone.forward(
+            FilledLatents(latent_inputs, filled.positions).write(embeds), batch.position_ids, mask,
+            output_hidden_states=config.observation_alignment,
+        )
+        ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
+        metrics = {"ce": float(ce.detach()), "target_tokens": float(targets)}
+        if not config.observation_alignment:
+            return LossOutput(ce, metrics)
+        close = backbone.token_id(config.observation_tags[1])
+        teachers = [t.to(embeds.device) for t in self._cache(TEACHER).get(batch.sample_ids)]
+        align = alignment_loss(_gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close)), teachers, config.cosine_axis)
+        metrics["align"] = float(align.detach())
+        if config.latent_only_backprop:
+            proxy = latent_only_proxy(filled.values, latent_inputs, align)
+            # The value reported is CE + alpha * L_align; the gradient is that of CE + alpha * proxy.
+            align = proxy - proxy.detach() + align.detach()
+        return LossOutput(ce + config.alignment_weight * align, metrics)
+
+    def _latent_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
+        """Stage 3: latents filled without gradient; CE + weight * alignment of the latent positions to the targets."""
+        mask = super().mask(batch, "latent")
+        embeds = inputs_embeds(backbone, batch)
+        with torch.no_grad():
+            filled = self._fill(batch, embeds, mask)
+        out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
+        ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
+        goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.sample_ids)]
+        students = _gather(out.hidden_states, batch.layouts, _slot_index)
+        align = alignment_loss(students, goals, "hidden")
+        loss = ce + self.config.target_alignment_weight * align
+        metrics = {"ce": float(ce.detach()), "align": float(align.detach()), "target_tokens": float(targets)}
+        return LossOutput(loss, metrics)
+
+    # --- decoding -----------------------------------------------------------------------------------------
+    def step_function(self) -> LatentStep:
+        start, _, end = self.config.latent_tokens
+        tokens = LatentTokens(self.backbone.token_id(start), self.backbone.token_id(end))
+        k = self.config.decode_latents or self.config.num_latents
+        return LatentStep(tokens, k, force=self.config.decode_force, stop_at_end=self.config.decode_stop_at_end)
+
+
+def _slot_index(layout: Layout) -> torch.Tensor:
+    return torch.tensor(latent_slot_positions(layout), dtype=torch.long)
+
+
+def _gather(hidden_states, layouts: list[Layout], positions_of) -> list[torch.Tensor]:
+    """Per sample, every layer's hidden states at the given positions: [L+1, n, D]."""
+    layers = torch.stack(hidden_states)
+    return [layers[:, b, positions_of(layout).to(layers.device)] for b, layout in enumerate(layouts)]
+
+
+class _eval_mode:
+    """Model in eval mode for a cache pass (no dropout), restored after."""
+
+    def __init__(self, backbone: Backbone):
+        self.model = backbone.model
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.was_training)

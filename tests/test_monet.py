@@ -1,0 +1,269 @@
+"""Monet's formulas on small cases computed independently (specs/monet.md): the stage-2 controlled mask, the
+latent-only backprop of the alignment, the cosine axis, observation weighting; and its stage caches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latentkit.backbone import build_backbone
+from latentkit.checkpoint import load_final_weights, save_final
+from latentkit.config import ModelSection
+from latentkit.layout import IGNORE_INDEX, Kind, collate, inputs_embeds
+from latentkit.methods.monet import Monet, MonetConfig
+from latentkit.methods.monet.cache import ensure_cache, fingerprint
+from latentkit.methods.monet.layout import latent_slot_positions, stage2_mask
+from latentkit.methods.monet.losses import alignment_loss
+from latentkit.records import load_split
+from latentkit.registry import StageContext
+from latentkit.segments import Sample, Segment
+from latentkit.synth.zoom import generate_synth_zoom
+from latentkit.train import TrainModule
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoom")
+    generate_synth_zoom(root, n_train=2, n_val=0, n_test=0)
+    sample = load_split(root, "train").samples[0]
+    return sample.images[0], sample.aux_images[0]
+
+
+def two_look_sample(images, sample_id: str = "two", colour: str = "red") -> Sample:
+    question, aux = images
+    segments = (
+        Segment("text", "system", "You are a helpful assistant."),
+        Segment("image", "user", image=question),
+        Segment("text", "user", "What is the small shape?"),
+        Segment("text", "assistant", "Let me zoom in."),
+        Segment("aux_image", "assistant", image=aux),
+        Segment("observation", "assistant", f"It is {colour}."),
+        Segment("text", "assistant", " Closer."),
+        Segment("aux_image", "assistant", image=aux),
+        Segment("observation", "assistant", "A circle."),
+        Segment("text", "assistant", " \\boxed{circle}"),
+    )
+    return Sample(sample_id, "test", segments, answer="circle")
+
+
+def make_method(**overrides) -> Monet:
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelSection(preset="tiny-qwen2.5-vl"))
+    method = Monet(MonetConfig(num_latents=K, **overrides))
+    method.setup(backbone)
+    return method
+
+
+def context_for(method: Monet, run_dir: Path, samples: list[Sample], stage: str) -> StageContext:
+    module = TrainModule(method.backbone, method)
+    return StageContext(
+        run_dir=run_dir,
+        stage_dir=run_dir / "stages" / stage,
+        samples=samples,
+        process_index=0,
+        num_processes=1,
+        barrier=lambda: None,
+        log=lambda event: events.append(event),
+        load_stage_weights=lambda name: load_final_weights(module, run_dir / "stages" / name / "final"),
+        progress=False,
+    )
+
+
+events: list[dict] = []
+
+
+def test_stage2_mask_against_a_hand_written_dense_mask(images):
+    method = make_method()
+    backbone = method.backbone
+    layout = method.layout(two_look_sample(images), "distill")
+    ids = layout.input_ids.tolist()
+    start, slot, end = (backbone.token_id(t) for t in method.config.latent_tokens)
+    vision_start, vision_end = backbone.token_id("<|vision_start|>"), backbone.token_id("<|vision_end|>")
+    # Find the spans from the token ids alone: the second and third vision blocks are the auxiliary images.
+    opens = [i for i, t in enumerate(ids) if t == vision_start]
+    closes = [i for i, t in enumerate(ids) if t == vision_end]
+    starts = [i for i, t in enumerate(ids) if t == start]
+    assert len(opens) == 3 and len(starts) == 2
+    n = len(ids)
+    expected = torch.zeros(n, n, dtype=torch.bool)
+    for row in range(n):
+        for col in range(row + 1):
+            allowed = True
+            for image_open, image_close, latent_start in zip(opens[1:], closes[1:], starts):
+                last_slot = latent_start + K
+                assert ids[latent_start + 1 : last_slot + 1] == [slot] * K and ids[last_slot + 1] == end
+                if image_open <= col <= image_close:
+                    # rows after the image and before its latent block, and rows after the K slots, are blind to it
+                    if image_close < row < latent_start or row > last_slot:
+                        allowed = False
+            expected[row, col] = allowed
+    batch = collate([layout], backbone.tokenizer.pad_token_id)
+    dense = method.mask(batch, "distill").to_dense()[0, 0]
+    assert torch.equal(dense, expected)
+    # The question image stays visible to the last row; the end token cannot see either auxiliary image.
+    assert dense[n - 1, opens[0] + 1] and not dense[starts[0] + K + 1, opens[1] + 1]
+
+
+def test_layout_weights_labels_and_latent_slots(images):
+    method = make_method()
+    backbone = method.backbone
+    sample = two_look_sample(images)
+    close = backbone.token_id("</observation>")
+    open_ = backbone.token_id("<observation>")
+    start, slot, end = (backbone.token_id(t) for t in method.config.latent_tokens)
+    warmup = method.layout(sample, "warmup")
+    text_obs = (warmup.kinds == Kind.OBSERVATION) & (warmup.input_ids != open_) & (warmup.input_ids != close)
+    assert set(warmup.loss_weight[text_obs].tolist()) == {2.0}  # stage 1: observation x2
+    tags = (warmup.input_ids == open_) | (warmup.input_ids == close)
+    assert (warmup.labels[tags] == IGNORE_INDEX).all()  # stage 1: tags are not targets
+    assert (warmup.kinds == Kind.LATENT).sum() == 0
+    for stage, start_is_target in (("distill", False), ("latent", True)):
+        layout = method.layout(sample, stage)
+        text_obs = (layout.kinds == Kind.OBSERVATION) & (layout.input_ids != open_) & (layout.input_ids != close)
+        assert set(layout.loss_weight[text_obs].tolist()) == {4.0}  # stages 2-3: observation x4
+        slots = latent_slot_positions(layout)
+        assert len(slots) == 2 * K and (layout.input_ids[slots] == slot).all()
+        assert (layout.labels[slots] == IGNORE_INDEX).all()
+        assert ((layout.labels[layout.input_ids == start] == start).all()) == start_is_target
+        assert (layout.labels[layout.input_ids == end] == end).all()
+        has_aux = any(image.kind == Kind.AUX_IMAGE for image in layout.images)
+        assert has_aux == (stage == "distill")
+
+
+def test_cosine_over_the_hidden_axis_and_the_official_token_axis():
+    torch.manual_seed(1)
+    student = [torch.randn(3, 4, 5), torch.randn(3, 2, 5)]
+    teacher = [torch.randn(3, 4, 5), torch.randn(3, 2, 5)]
+    terms = []
+    for s, t in zip(student, teacher):
+        for layer in range(3):
+            for token in range(s.shape[1]):
+                a, b = s[layer, token], t[layer, token]
+                terms.append(1 - float(a @ b) / (float(a.norm()) * float(b.norm())))
+    assert alignment_loss(student, teacher, "hidden").item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    per_sample = []
+    for s, t in zip(student, teacher):
+        values = []
+        for layer in range(3):
+            for channel in range(5):
+                a, b = s[layer, :, channel], t[layer, :, channel]
+                values.append(1 - float(a @ b) / (float(a.norm()) * float(b.norm())))
+        per_sample.append(sum(values) / len(values))
+    assert alignment_loss(student, teacher, "token").item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+    # torch's default axis is dim=1, the official code's call
+    official = (1 - F.cosine_similarity(student[0], teacher[0])).mean()
+    assert alignment_loss(student[:1], teacher[:1], "token").item() == pytest.approx(official.item(), rel=1e-6)
+
+
+def distill_gradients(method: Monet, batch) -> dict[str, torch.Tensor]:
+    method.backbone.model.zero_grad(set_to_none=True)
+    method.loss(method.backbone, batch, "distill").loss.backward()
+    return {n: p.grad.clone() for n, p in method.backbone.model.named_parameters() if p.grad is not None}
+
+
+def prepared(method: Monet, run_dir: Path, samples: list[Sample]):
+    save_final(method.backbone, method, "warmup", run_dir / "stages" / "warmup" / "final")
+    method.prepare_stage("distill", context_for(method, run_dir, samples, "distill"))
+    return collate([method.layout(s, "distill") for s in samples], method.backbone.tokenizer.pad_token_id)
+
+
+def test_alignment_gradient_reaches_the_weights_only_through_the_latents(images, tmp_path):
+    samples = [two_look_sample(images), two_look_sample(images, "blue", "blue")]
+    method = make_method(alignment_weight=2.0)
+    batch = prepared(method, tmp_path, samples)
+    with_proxy = distill_gradients(method, batch)
+    method.config.alignment_weight = 0.0
+    ce_only = distill_gradients(method, batch)
+    # Independent: g = dL_align/d(latent inputs) of forward 2; the weights get alpha * J_latents^T g.
+    backbone = method.backbone
+    backbone.model.zero_grad(set_to_none=True)
+    mask = stage2_mask(batch)
+    embeds = inputs_embeds(backbone, batch)
+    filled = method._fill(batch, embeds, mask)
+    leaf = filled.values.detach().requires_grad_(True)
+    from latentkit.latent import FilledLatents
+
+    out = backbone.forward(FilledLatents(leaf, filled.positions).write(embeds), batch.position_ids, mask, output_hidden_states=True)
+    close = backbone.token_id("</observation>")
+    layers = torch.stack(out.hidden_states)
+    students = [
+        layers[:, b, ((l.kinds == Kind.OBSERVATION) & (l.input_ids != close)).nonzero().squeeze(-1)]
+        for b, l in enumerate(batch.layouts)
+    ]
+    align = alignment_loss(students, method.caches["teacher"].get(batch.sample_ids))
+    assert align.item() > 1e-4
+    (g,) = torch.autograd.grad(align, leaf)
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    names = [n for n, p in backbone.model.named_parameters() if p.requires_grad]
+    vjp = torch.autograd.grad(filled.values, params, grad_outputs=g, allow_unused=True)
+    compared = 0
+    for name, value in zip(names, vjp):
+        difference = with_proxy.get(name, torch.zeros_like(params[names.index(name)])) - ce_only.get(name, 0.0)
+        expected = 2.0 * value if value is not None else torch.zeros_like(difference)
+        torch.testing.assert_close(difference, expected, atol=2e-5, rtol=1e-3)
+        compared += 1
+    assert compared == len(params)
+    # Tokens seen only in the last observation, after every latent, cannot shape a latent: no alignment gradient
+    # reaches their embedding rows, unlike with ordinary backprop (the ablation).
+    embedding = "model.language_model.embed_tokens.weight"
+    last_slot = max(max(latent_slot_positions(l)) for l in batch.layouts)
+    position = torch.arange(batch.input_ids.shape[1])
+    after = (batch.kinds == Kind.OBSERVATION) & (batch.input_ids != close) & (position > last_slot)
+    before = set(batch.input_ids[:, : last_slot + 1].flatten().tolist())
+    only_obs = [t for t in torch.unique(batch.input_ids[after]).tolist() if t not in before]
+    assert only_obs
+    assert torch.allclose(with_proxy[embedding][only_obs], ce_only[embedding][only_obs], atol=1e-7)
+    method.config.alignment_weight = 2.0
+    method.config.latent_only_backprop = False
+    ordinary = distill_gradients(method, batch)
+    assert not torch.allclose(ordinary[embedding][only_obs], ce_only[embedding][only_obs], atol=1e-6)
+
+
+def test_teacher_cache_holds_every_layer_at_observation_positions_and_is_rebuilt_when_stale(images, tmp_path):
+    samples = [two_look_sample(images)]
+    method = make_method()
+    events.clear()
+    prepared(method, tmp_path, samples)
+    teacher = method.caches["teacher"].get(["two"])[0]
+    layout = method.layout(samples[0], "warmup")
+    batch = collate([layout], method.backbone.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = method.backbone.forward(inputs_embeds(method.backbone, batch), batch.position_ids, method.mask(batch, "warmup"), output_hidden_states=True)
+    close = method.backbone.token_id("</observation>")
+    positions = ((layout.kinds == Kind.OBSERVATION) & (layout.input_ids != close)).nonzero().squeeze(-1)
+    assert teacher.shape == (method.backbone.num_layers + 1, len(positions), method.backbone.hidden_size)
+    torch.testing.assert_close(teacher, torch.stack(out.hidden_states)[:, 0, positions])
+    assert [e["event"] for e in events] == ["cache_built"]
+    # Same weights and data: reused. Changed weights: fingerprint differs, rebuilt.
+    method.prepare_stage("distill", context_for(method, tmp_path, samples, "distill"))
+    assert events[-1]["event"] == "cache_reused"
+    with torch.no_grad():
+        method.backbone.model.lm_head.weight.mul_(1.5)
+        method.backbone.decoder().norm.weight.mul_(0.5)
+    save_final(method.backbone, method, "warmup", tmp_path / "stages" / "warmup" / "final")
+    method.prepare_stage("distill", context_for(method, tmp_path, samples, "distill"))
+    assert [e["event"] for e in events[-2:]] == ["cache_stale", "cache_built"]
+    manifest = json.loads((tmp_path / "stages" / "distill" / "teacher" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == events[-1]["fingerprint"] and manifest["index"] == {"two": manifest["index"]["two"]}
+
+
+def test_fingerprint_covers_weights_data_and_settings(images):
+    a, b = two_look_sample(images), two_look_sample(images, "two", "blue")
+    base = fingerprint("w", [a], {"k": 8})
+    assert base == fingerprint("w", [a], {"k": 8})
+    assert len({base, fingerprint("w2", [a], {"k": 8}), fingerprint("w", [b], {"k": 8}), fingerprint("w", [a], {"k": 4})}) == 4
+
+
+def test_cache_missing_sample_is_a_clear_error(tmp_path):
+    context = StageContext(tmp_path, tmp_path, [], 0, 1, lambda: None, lambda e: None, lambda n: None, False)
+    sample = Sample("x", "d", (Segment("text", "user", "hi"),))
+    cache = ensure_cache(tmp_path / "c", "teacher", "f", [sample], lambda chunk: [torch.zeros(1, 2)], 4, context)
+    assert cache.get(["x"])[0].shape == (1, 2)
+    with pytest.raises(Exception, match="not in the teacher cache"):
+        cache.get(["y"])
