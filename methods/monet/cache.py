@@ -31,13 +31,22 @@ Compute = Callable[[list[Sample]], list[torch.Tensor]]
 
 
 def fingerprint(weights: str, samples: Sequence[Sample], settings: dict[str, Any]) -> str:
-    """sha256 over the weights' fingerprint, every sample's content, and the settings that shape the tensors."""
+    """sha256 over the weights' fingerprint, every sample's content, and the settings that shape the tensors.
+
+    Images count by file name and size, not by absolute path, so a moved dataset or run directory stays valid.
+    """
     digest = hashlib.sha256(weights.encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for sample in samples:
-        segments = [(s.kind, s.role, s.text, str(s.image)) for s in sample.segments]
+        segments = [(s.kind, s.role, s.text, _image_key(s.image)) for s in sample.segments]
         digest.update(json.dumps([sample.sample_id, segments]).encode())
     return digest.hexdigest()[:16]
+
+
+def _image_key(image: Path | None) -> str | None:
+    if image is None:
+        return None
+    return f"{image.name}:{image.stat().st_size}" if image.is_file() else image.name
 
 
 class RepresentationCache:

@@ -1,0 +1,122 @@
+"""`latentkit train --method monet` end to end: the three stages on the embedded default, a resumed distill
+stage reusing its teacher cache, evaluation with latent decoding, and the real-checkpoint path (a tiny
+HF-format Qwen2.5-VL directory and records in the official Monet-SFT-125K format)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import latentkit, metrics, train_args
+from PIL import Image
+
+from latentkit.backbone import build_backbone
+from latentkit.config import ModelSection
+
+MONET = ["--method", "monet", "method.num_latents=2", "data.synth.n_test=4"]
+MARKER = "<abs_vis_token></abs_vis_token>"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    latentkit(*train_args(out, "monet", *MONET, "train.steps=3", "train.checkpoint_every=2"))
+    return out / "monet"
+
+
+def events(run_dir: Path) -> list[tuple[str, str, str]]:
+    return [(m["stage"], m["event"], m.get("cache", "")) for m in metrics(run_dir) if "event" in m]
+
+
+def test_three_stages_and_their_artifacts(run):
+    for stage in ("warmup", "distill", "latent"):
+        assert (run / "stages" / stage / "final" / "model.safetensors").is_file()
+    assert json.loads((run / "final" / "latentkit_method.json").read_text()) == {"method": "monet", "stage": "latent"}
+    assert events(run) == [("distill", "cache_built", "teacher"), ("latent", "cache_built", "targets")]
+    stages = [m["stage"] for m in metrics(run) if "loss" in m]
+    assert stages == ["warmup"] * 3 + ["distill"] * 3 + ["latent"] * 3
+    assert all("align" in m for m in metrics(run) if m.get("stage") in ("distill", "latent") and "loss" in m)
+    for kind in ("teacher", "targets"):
+        folder = run / "stages" / "distill" / kind
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["samples"] == 24 and all((folder / shard).is_file() for shard in set(manifest["index"].values()))
+
+
+def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
+    copy = tmp_path / "monet"
+    shutil.copytree(run, copy)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["run"]["output_dir"] = str(tmp_path)
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    # Cut the run back to "distill interrupted after its step-2 checkpoint".
+    for path in (copy / "stages" / "distill" / "final", copy / "stages" / "latent", copy / "final"):
+        shutil.rmtree(path)
+    teacher = copy / "stages" / "distill" / "teacher" / "manifest.json"
+    built_at = teacher.stat().st_mtime_ns
+    latentkit(*train_args(tmp_path, "monet", *MONET, "train.steps=3", "train.checkpoint_every=2"), "--resume")
+    resumed = [m for m in metrics(copy) if m.get("event") == "resume"]
+    assert resumed == [{"event": "resume", "stage": "distill", "step": 2}]
+    assert ("distill", "cache_reused", "teacher") in events(copy)
+    assert teacher.stat().st_mtime_ns == built_at
+    assert (copy / "final" / "model.safetensors").is_file()
+
+
+def test_eval_uses_latent_decoding(run, tmp_path):
+    out = tmp_path / "eval.jsonl"
+    latentkit("eval", "--run", str(run), "--benchmark", "synth-zoom", "--limit", "4", "--out", str(out), "--max-new-tokens", "12")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 4 and all("latent_blocks" in r and "latent_steps" in r for r in records)
+    assert all(r["latent_steps"] <= 2 * r["latent_blocks"] for r in records)
+
+
+def write_official_dataset(root: Path) -> None:
+    """Two sub-datasets in the Monet-SFT-125K layout, plus one record whose marker has no image (dropped)."""
+
+    def record(sample_id: str, dataset: str, with_image: bool = True) -> dict:
+        assistant = [{"type": "text", "text": f"Let me look closer. {MARKER}"}]
+        if with_image:
+            assistant.append({"type": "image", "image": "images/zoom.png"})
+        assistant.append({"type": "text", "text": "<observation>A red square.</observation> \\boxed{red}"})
+        return {
+            "data": [
+                {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+                {"role": "user", "content": [{"type": "image", "image": "images/question.png"}, {"type": "text", "text": "Colour?"}]},
+                {"role": "assistant", "content": assistant},
+            ],
+            "metadata": {"dataset_name": dataset, "sample_id": sample_id, "answer": "red"},
+        }
+
+    for dataset in ("Visual_CoT", "Zebra_CoT_visual_search"):
+        folder = root / dataset
+        (folder / "images").mkdir(parents=True)
+        Image.new("RGB", (56, 56), (200, 10, 10)).save(folder / "images" / "question.png")
+        Image.new("RGB", (28, 28), (250, 0, 0)).save(folder / "images" / "zoom.png")
+        records = [record(f"{dataset}-{i}", dataset) for i in range(3)] + [record(f"{dataset}-bad", dataset, False)]
+        (folder / "train.json").write_text(json.dumps(records))
+
+
+def test_real_checkpoint_directory_and_official_records(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "Qwen2.5-VL-tiny"
+    build_backbone(ModelSection(preset="tiny-qwen2.5-vl")).save(checkpoint)
+    data = tmp_path / "Monet-SFT-125K"
+    write_official_dataset(data)
+    result = latentkit(
+        *train_args(tmp_path, "real", *MONET, "train.steps=2", "model.preset=null", f"model.path={checkpoint}",
+                    f"data.path={data}", "data.on_bad_record=skip"),
+    )
+    assert "skipped 2 bad records" in result.stdout
+    run = tmp_path / "real"
+    assert (run / "final" / "config.json").is_file()
+    manifest = json.loads((run / "stages" / "distill" / "teacher" / "manifest.json").read_text())
+    assert sorted(manifest["index"]) == sorted(f"{d}-{i}" for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3))
+
+
+def test_distill_alone_without_warmup_is_a_clear_error(tmp_path):
+    result = latentkit(*train_args(tmp_path, "alone", *MONET, "train.steps=1"), "--stage", "distill", check=False)
+    assert result.returncode == 2
+    assert "stages/warmup/final is missing" in result.stderr.strip().splitlines()[-1]
