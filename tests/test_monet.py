@@ -185,7 +185,7 @@ def test_alignment_gradient_reaches_the_weights_only_through_the_latents(images,
     backbone.model.zero_grad(set_to_none=True)
     mask = stage2_mask(batch)
     embeds = inputs_embeds(backbone, batch)
-    filled = method._fill(batch, embeds, mask)
+    filled = method.fill_batch(batch, embeds, mask)
     leaf = filled.values.detach().requires_grad_(True)
     from latentkit.latent import FilledLatents
 

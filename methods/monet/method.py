@@ -110,7 +110,7 @@ class Monet(Method):
         mask = stage2_mask(batch)
         with _eval_mode(backbone):
             embeds = inputs_embeds(backbone, batch)
-            filled = self._fill(batch, embeds, mask)
+            filled = self.fill_batch(batch, embeds, mask)
             out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
         return _gather(out.hidden_states, layouts, _slot_index)
 
@@ -122,7 +122,8 @@ class Monet(Method):
             return self._distill_loss(backbone, batch)
         return self._latent_loss(backbone, batch)
 
-    def _fill(self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec) -> FilledLatents:
+    def fill_batch(self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec) -> FilledLatents:
+        """Forward 1: every latent slot of the batch filled by hidden-state feedback under `mask`."""
         slots = [latent_slot_positions(layout) for layout in batch.layouts]
         return fill_latents(self.backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts])
 
@@ -136,7 +137,7 @@ class Monet(Method):
         config = self.config
         mask = stage2_mask(batch)
         embeds = inputs_embeds(backbone, batch)
-        filled = self._fill(batch, embeds, mask)
+        filled = self.fill_batch(batch, embeds, mask)
         latent_inputs = filled.values
         if config.latent_only_backprop:
             latent_inputs = filled.values.detach().requires_grad_(True)
@@ -163,7 +164,7 @@ class Monet(Method):
         mask = super().mask(batch, "latent")
         embeds = inputs_embeds(backbone, batch)
         with torch.no_grad():
-            filled = self._fill(batch, embeds, mask)
+            filled = self.fill_batch(batch, embeds, mask)
         out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
         ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
         goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.sample_ids)]
