@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 import torch
+from latentkit.methods.monet import Monet, MonetConfig
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 from latentkit.layout import collate, inputs_embeds
-from latentkit.methods.monet import Monet, MonetConfig
 from latentkit.records import load_split
 from latentkit.synth import get_synth_task
 
@@ -61,7 +61,9 @@ def main() -> None:
     method.setup(backbone)
     with tempfile.TemporaryDirectory() as scratch:
         task = get_synth_task(args.task)
-        task.generate(Path(scratch), n_train=args.samples, n_val=1, n_test=1, seed=0, variant=task.default_variant)
+        task.generate(
+            Path(scratch), n_train=args.samples, n_val=1, n_test=1, seed=0, variant=task.default_variant
+        )
         layouts = [method.layout(s, "distill") for s in load_split(Path(scratch), "train").samples]
 
         def one_at_a_time() -> list[torch.Tensor]:
@@ -75,7 +77,10 @@ def main() -> None:
 
         results = {}
         with torch.no_grad():
-            for name, function in (("one-at-a-time", one_at_a_time), (f"batched (B={args.batch_size})", batched)):
+            for name, function in (
+                ("one-at-a-time", one_at_a_time),
+                (f"batched (B={args.batch_size})", batched),
+            ):
                 function()  # warm-up
                 runs = []
                 for _ in range(args.repeats):

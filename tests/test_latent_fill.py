@@ -11,8 +11,8 @@ from latentkit.config import ModelSection
 from latentkit.latent import fill_latents, fill_latents_reference, slot_positions
 from latentkit.layout import Kind, LayoutBuilder, collate, inputs_embeds
 from latentkit.masks import causal_mask, monet_stage2, with_padding
-from latentkit.synth.zoom import generate_synth_zoom
 from latentkit.records import load_split
+from latentkit.synth.zoom import generate_synth_zoom
 
 TOKENS = ("<lat>", "<lat_pad>", "</lat>")
 
@@ -117,7 +117,9 @@ def test_fill_keeps_the_graph_unless_detached(backbone, images):
 def test_bad_slot_positions_are_refused(backbone):
     embeds = torch.zeros(1, 5, backbone.hidden_size)
     with pytest.raises(ValueError, match="sample 0 has slot positions"):
-        fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[3, 2]], [5])
+        fill_latents(
+            backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[3, 2]], [5]
+        )
     with pytest.raises(ValueError, match="within"):
         fill_latents(backbone, embeds, torch.zeros(3, 1, 5, dtype=torch.long), causal_mask(1, 5), [[0]], [5])
 
@@ -135,6 +137,8 @@ def test_fill_keeps_its_cache_under_gradient_checkpointing(images):
     embeds = inputs_embeds(backbone, batch)
     filled = fill_latents(backbone, embeds, batch.position_ids, causal_mask(1, length), slots, [length])
     with torch.no_grad():
-        reference = fill_latents_reference(backbone, embeds, batch.position_ids, causal_mask(1, length), slots)
+        reference = fill_latents_reference(
+            backbone, embeds, batch.position_ids, causal_mask(1, length), slots
+        )
     torch.testing.assert_close(filled.values[0].detach(), reference[0], atol=1e-5, rtol=1e-4)
     assert all(layer.gradient_checkpointing for layer in backbone.decoder().layers)

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from latentkit.methods.monet import Monet, MonetConfig
+from latentkit.methods.monet.cache import ensure_cache, fingerprint
+from latentkit.methods.monet.layout import latent_slot_positions, stage2_mask
+from latentkit.methods.monet.losses import alignment_loss
 
 from latentkit.backbone import build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
 from latentkit.layout import IGNORE_INDEX, Kind, collate, inputs_embeds
-from latentkit.methods.monet import Monet, MonetConfig
-from latentkit.methods.monet.cache import ensure_cache, fingerprint
-from latentkit.methods.monet.layout import latent_slot_positions, stage2_mask
-from latentkit.methods.monet.losses import alignment_loss
 from latentkit.records import load_split
 from latentkit.registry import StageContext
 from latentkit.segments import Sample, Segment
@@ -98,10 +98,10 @@ def test_stage2_mask_against_a_hand_written_dense_mask(images):
             for image_open, image_close, latent_start in zip(opens[1:], closes[1:], starts):
                 last_slot = latent_start + K
                 assert ids[latent_start + 1 : last_slot + 1] == [slot] * K and ids[last_slot + 1] == end
-                if image_open <= col <= image_close:
-                    # rows after the image and before its latent block, and rows after the K slots, are blind to it
-                    if image_close < row < latent_start or row > last_slot:
-                        allowed = False
+                # rows after the image and before its latent block, and rows after the K slots, are blind to it
+                blind = image_close < row < latent_start or row > last_slot
+                if image_open <= col <= image_close and blind:
+                    allowed = False
             expected[row, col] = allowed
     batch = collate([layout], backbone.tokenizer.pad_token_id)
     dense = method.mask(batch, "distill").to_dense()[0, 0]
@@ -125,7 +125,9 @@ def test_layout_weights_labels_and_latent_slots(images):
     assert (warmup.kinds == Kind.LATENT).sum() == 0
     for stage, start_is_target in (("distill", False), ("latent", True)):
         layout = method.layout(sample, stage)
-        text_obs = (layout.kinds == Kind.OBSERVATION) & (layout.input_ids != open_) & (layout.input_ids != close)
+        text_obs = (
+            (layout.kinds == Kind.OBSERVATION) & (layout.input_ids != open_) & (layout.input_ids != close)
+        )
         assert set(layout.loss_weight[text_obs].tolist()) == {4.0}  # stages 2-3: observation x4
         slots = latent_slot_positions(layout)
         assert len(slots) == 2 * K and (layout.input_ids[slots] == slot).all()
@@ -146,7 +148,9 @@ def test_cosine_over_the_hidden_axis_and_the_official_token_axis():
             for token in range(s.shape[1]):
                 a, b = s[layer, token], t[layer, token]
                 terms.append(1 - float(a @ b) / (float(a.norm()) * float(b.norm())))
-    assert alignment_loss(student, teacher, "hidden").item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    assert alignment_loss(student, teacher, "hidden").item() == pytest.approx(
+        sum(terms) / len(terms), rel=1e-5
+    )
     per_sample = []
     for s, t in zip(student, teacher):
         values = []
@@ -158,7 +162,9 @@ def test_cosine_over_the_hidden_axis_and_the_official_token_axis():
     assert alignment_loss(student, teacher, "token").item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
     # torch's default axis is dim=1, the official code's call
     official = (1 - F.cosine_similarity(student[0], teacher[0])).mean()
-    assert alignment_loss(student[:1], teacher[:1], "token").item() == pytest.approx(official.item(), rel=1e-6)
+    assert alignment_loss(student[:1], teacher[:1], "token").item() == pytest.approx(
+        official.item(), rel=1e-6
+    )
 
 
 def distill_gradients(method: Monet, batch) -> dict[str, torch.Tensor]:
@@ -189,7 +195,12 @@ def test_alignment_gradient_reaches_the_weights_only_through_the_latents(images,
     leaf = filled.values.detach().requires_grad_(True)
     from latentkit.latent import FilledLatents
 
-    out = backbone.forward(FilledLatents(leaf, filled.positions).write(embeds), batch.position_ids, mask, output_hidden_states=True)
+    out = backbone.forward(
+        FilledLatents(leaf, filled.positions).write(embeds),
+        batch.position_ids,
+        mask,
+        output_hidden_states=True,
+    )
     close = backbone.token_id("</observation>")
     layers = torch.stack(out.hidden_states)
     students = [
@@ -204,7 +215,9 @@ def test_alignment_gradient_reaches_the_weights_only_through_the_latents(images,
     vjp = torch.autograd.grad(filled.values, params, grad_outputs=g, allow_unused=True)
     compared = 0
     for name, value in zip(names, vjp):
-        difference = with_proxy.get(name, torch.zeros_like(params[names.index(name)])) - ce_only.get(name, 0.0)
+        difference = with_proxy.get(name, torch.zeros_like(params[names.index(name)])) - ce_only.get(
+            name, 0.0
+        )
         expected = 2.0 * value if value is not None else torch.zeros_like(difference)
         torch.testing.assert_close(difference, expected, atol=2e-5, rtol=1e-3)
         compared += 1
@@ -234,7 +247,12 @@ def test_teacher_cache_holds_every_layer_at_observation_positions_and_is_rebuilt
     layout = method.layout(samples[0], "warmup")
     batch = collate([layout], method.backbone.tokenizer.pad_token_id)
     with torch.no_grad():
-        out = method.backbone.forward(inputs_embeds(method.backbone, batch), batch.position_ids, method.mask(batch, "warmup"), output_hidden_states=True)
+        out = method.backbone.forward(
+            inputs_embeds(method.backbone, batch),
+            batch.position_ids,
+            method.mask(batch, "warmup"),
+            output_hidden_states=True,
+        )
     close = method.backbone.token_id("</observation>")
     positions = ((layout.kinds == Kind.OBSERVATION) & (layout.input_ids != close)).nonzero().squeeze(-1)
     assert teacher.shape == (method.backbone.num_layers + 1, len(positions), method.backbone.hidden_size)
@@ -250,20 +268,34 @@ def test_teacher_cache_holds_every_layer_at_observation_positions_and_is_rebuilt
     method.prepare_stage("distill", context_for(method, tmp_path, samples, "distill"))
     assert [e["event"] for e in events[-2:]] == ["cache_stale", "cache_built"]
     manifest = json.loads((tmp_path / "stages" / "distill" / "teacher" / "manifest.json").read_text())
-    assert manifest["fingerprint"] == events[-1]["fingerprint"] and manifest["index"] == {"two": manifest["index"]["two"]}
+    assert manifest["fingerprint"] == events[-1]["fingerprint"] and manifest["index"] == {
+        "two": manifest["index"]["two"]
+    }
 
 
 def test_fingerprint_covers_weights_data_and_settings(images):
     a, b = two_look_sample(images), two_look_sample(images, "two", "blue")
     base = fingerprint("w", [a], {"k": 8})
     assert base == fingerprint("w", [a], {"k": 8})
-    assert len({base, fingerprint("w2", [a], {"k": 8}), fingerprint("w", [b], {"k": 8}), fingerprint("w", [a], {"k": 4})}) == 4
+    assert (
+        len(
+            {
+                base,
+                fingerprint("w2", [a], {"k": 8}),
+                fingerprint("w", [b], {"k": 8}),
+                fingerprint("w", [a], {"k": 4}),
+            }
+        )
+        == 4
+    )
 
 
 def test_cache_missing_sample_is_a_clear_error(tmp_path):
     context = StageContext(tmp_path, tmp_path, [], 0, 1, lambda: None, lambda e: None, lambda n: None, False)
     sample = Sample("x", "d", (Segment("text", "user", "hi"),))
-    cache = ensure_cache(tmp_path / "c", "teacher", "f", [sample], lambda chunk: [torch.zeros(1, 2)], 4, context)
+    cache = ensure_cache(
+        tmp_path / "c", "teacher", "f", [sample], lambda chunk: [torch.zeros(1, 2)], 4, context
+    )
     assert cache.get(["x"])[0].shape == (1, 2)
     with pytest.raises(Exception, match="not in the teacher cache"):
         cache.get(["y"])

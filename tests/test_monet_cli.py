@@ -35,7 +35,10 @@ def events(run_dir: Path) -> list[tuple[str, str, str]]:
 def test_three_stages_and_their_artifacts(run):
     for stage in ("warmup", "distill", "latent"):
         assert (run / "stages" / stage / "final" / "model.safetensors").is_file()
-    assert json.loads((run / "final" / "latentkit_method.json").read_text()) == {"method": "monet", "stage": "latent"}
+    assert json.loads((run / "final" / "latentkit_method.json").read_text()) == {
+        "method": "monet",
+        "stage": "latent",
+    }
     assert events(run) == [("distill", "cache_built", "teacher"), ("latent", "cache_built", "targets")]
     stages = [m["stage"] for m in metrics(run) if "loss" in m]
     assert stages == ["warmup"] * 3 + ["distill"] * 3 + ["latent"] * 3
@@ -43,7 +46,9 @@ def test_three_stages_and_their_artifacts(run):
     for kind in ("teacher", "targets"):
         folder = run / "stages" / "distill" / kind
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["samples"] == 24 and all((folder / shard).is_file() for shard in set(manifest["index"].values()))
+        assert manifest["samples"] == 24 and all(
+            (folder / shard).is_file() for shard in set(manifest["index"].values())
+        )
 
 
 def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
@@ -67,7 +72,19 @@ def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
 
 def test_eval_uses_latent_decoding(run, tmp_path):
     out = tmp_path / "eval.jsonl"
-    latentkit("eval", "--run", str(run), "--benchmark", "synth-zoom", "--limit", "4", "--out", str(out), "--max-new-tokens", "12")
+    latentkit(
+        "eval",
+        "--run",
+        str(run),
+        "--benchmark",
+        "synth-zoom",
+        "--limit",
+        "4",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "12",
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and all("latent_blocks" in r and "latent_steps" in r for r in records)
     assert all(r["latent_steps"] <= 2 * r["latent_blocks"] for r in records)
@@ -84,7 +101,13 @@ def write_official_dataset(root: Path) -> None:
         return {
             "data": [
                 {"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
-                {"role": "user", "content": [{"type": "image", "image": "images/question.png"}, {"type": "text", "text": "Colour?"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "images/question.png"},
+                        {"type": "text", "text": "Colour?"},
+                    ],
+                },
                 {"role": "assistant", "content": assistant},
             ],
             "metadata": {"dataset_name": dataset, "sample_id": sample_id, "answer": "red"},
@@ -95,7 +118,9 @@ def write_official_dataset(root: Path) -> None:
         (folder / "images").mkdir(parents=True)
         Image.new("RGB", (56, 56), (200, 10, 10)).save(folder / "images" / "question.png")
         Image.new("RGB", (28, 28), (250, 0, 0)).save(folder / "images" / "zoom.png")
-        records = [record(f"{dataset}-{i}", dataset) for i in range(3)] + [record(f"{dataset}-bad", dataset, False)]
+        records = [record(f"{dataset}-{i}", dataset) for i in range(3)] + [
+            record(f"{dataset}-bad", dataset, False)
+        ]
         (folder / "train.json").write_text(json.dumps(records))
 
 
@@ -106,17 +131,29 @@ def test_real_checkpoint_directory_and_official_records(tmp_path):
     data = tmp_path / "Monet-SFT-125K"
     write_official_dataset(data)
     result = latentkit(
-        *train_args(tmp_path, "real", *MONET, "train.steps=2", "model.preset=null", f"model.path={checkpoint}",
-                    f"data.path={data}", "data.on_bad_record=skip"),
+        *train_args(
+            tmp_path,
+            "real",
+            *MONET,
+            "train.steps=2",
+            "model.preset=null",
+            f"model.path={checkpoint}",
+            f"data.path={data}",
+            "data.on_bad_record=skip",
+        ),
     )
     assert "skipped 2 bad records" in result.stdout
     run = tmp_path / "real"
     assert (run / "final" / "config.json").is_file()
     manifest = json.loads((run / "stages" / "distill" / "teacher" / "manifest.json").read_text())
-    assert sorted(manifest["index"]) == sorted(f"{d}-{i}" for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3))
+    assert sorted(manifest["index"]) == sorted(
+        f"{d}-{i}" for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3)
+    )
 
 
 def test_distill_alone_without_warmup_is_a_clear_error(tmp_path):
-    result = latentkit(*train_args(tmp_path, "alone", *MONET, "train.steps=1"), "--stage", "distill", check=False)
+    result = latentkit(
+        *train_args(tmp_path, "alone", *MONET, "train.steps=1"), "--stage", "distill", check=False
+    )
     assert result.returncode == 2
     assert "stages/warmup/final is missing" in result.stderr.strip().splitlines()[-1]

@@ -110,7 +110,9 @@ class LatentStep:
         self._live: list[RowLatents] = []
         self._block: list[list[torch.Tensor] | None] = []  # latents of the open block, None in text mode
 
-    def __call__(self, backbone: Backbone, sampled: torch.Tensor, hidden: torch.Tensor, state: DecodeState) -> StepOutput:
+    def __call__(
+        self, backbone: Backbone, sampled: torch.Tensor, hidden: torch.Tensor, state: DecodeState
+    ) -> StepOutput:
         if state.step == 0:
             self._live = [RowLatents() for _ in range(sampled.shape[0])]
             self._block = [None] * sampled.shape[0]
@@ -140,7 +142,9 @@ class LatentStep:
         emitted = sampled
         if latent_rows:
             rows = torch.tensor(list(latent_rows), device=sampled.device)
-            next_embeds = next_embeds.index_copy(0, rows, torch.stack(list(latent_rows.values())).to(next_embeds.dtype))
+            next_embeds = next_embeds.index_copy(
+                0, rows, torch.stack(list(latent_rows.values())).to(next_embeds.dtype)
+            )
             emitted = sampled.index_fill(0, rows, -1)
         return StepOutput(next_embeds, emitted)
 

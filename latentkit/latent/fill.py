@@ -44,7 +44,9 @@ def slot_positions(latent_slots: list[list[tuple[int, int]]]) -> list[list[int]]
 
 def _check_slots(slots: list[list[int]], lengths: list[int]) -> None:
     for b, positions in enumerate(slots):
-        if positions != sorted(set(positions)) or (positions and not 1 <= positions[0] <= positions[-1] < lengths[b]):
+        if positions != sorted(set(positions)) or (
+            positions and not 1 <= positions[0] <= positions[-1] < lengths[b]
+        ):
             raise ValueError(
                 f"latent fill: sample {b} has slot positions {positions}; they must be increasing and within "
                 f"[1, {lengths[b]})"
@@ -79,7 +81,8 @@ def fill_latents(
         return FilledLatents(values, positions)
     bounds = [[0, *s] for s in slots]  # chunk k of sample b is [bounds[b][k], bounds[b][k + 1])
     chunk_lengths = [
-        max(bounds[b][k + 1] - bounds[b][k] if k < len(slots[b]) else 0 for b in range(size)) for k in range(steps)
+        max(bounds[b][k + 1] - bounds[b][k] if k < len(slots[b]) else 0 for b in range(size))
+        for k in range(steps)
     ]
     offsets = [0]
     for length in chunk_lengths:
@@ -87,7 +90,9 @@ def fill_latents(
     total = offsets[-1]
     cache_spec = _cache_mask(mask, bounds, offsets, total)
     with _cache_kept(backbone.hf_model()):
-        fed = _run_chunks(backbone, embeds, position_ids, cache_spec, slots, bounds, chunk_lengths, offsets, detach_feedback)
+        fed = _run_chunks(
+            backbone, embeds, position_ids, cache_spec, slots, bounds, chunk_lengths, offsets, detach_feedback
+        )
     for b in range(size):
         if fed[b]:
             values[b, : len(fed[b])] = torch.stack(fed[b])
@@ -184,7 +189,9 @@ def fill_latents_reference(
         values = []
         for p in positions:
             prefix_positions = position_ids[..., b : b + 1, :p]
-            out = backbone.forward(sample[:, :p], prefix_positions, mask.select(torch.tensor([b])).truncate(p))
+            out = backbone.forward(
+                sample[:, :p], prefix_positions, mask.select(torch.tensor([b])).truncate(p)
+            )
             sample[0, p] = out.last_hidden_state[0, p - 1]
             values.append(sample[0, p])
         filled.append(torch.stack(values) if values else embeds.new_zeros(0, embeds.shape[-1]))

@@ -80,7 +80,13 @@ def cache_fingerprint(directory: Path) -> str | None:
 
 
 def ensure_cache(
-    directory: Path, kind: str, expected: str, samples: list[Sample], compute: Compute, batch_size: int, context: StageContext
+    directory: Path,
+    kind: str,
+    expected: str,
+    samples: list[Sample],
+    compute: Compute,
+    batch_size: int,
+    context: StageContext,
 ) -> RepresentationCache:
     """The cache at `directory` if its fingerprint is `expected`; else build it (all processes take part)."""
     found = cache_fingerprint(directory)
@@ -90,14 +96,22 @@ def ensure_cache(
     if found is not None:
         context.log({"event": "cache_stale", "cache": kind, "found": found, "expected": expected})
         if context.is_main_process:
-            print(f"{kind} cache {directory} was built from other weights or data ({found} != {expected}); rebuilding")
+            print(
+                f"{kind} cache {directory} was built from other weights or data ({found} != {expected}); rebuilding"
+            )
     _build(directory, kind, expected, samples, compute, batch_size, context)
     context.log({"event": "cache_built", "cache": kind, "fingerprint": expected, "samples": len(samples)})
     return RepresentationCache(directory)
 
 
 def _build(
-    directory: Path, kind: str, expected: str, samples: list[Sample], compute: Compute, batch_size: int, context: StageContext
+    directory: Path,
+    kind: str,
+    expected: str,
+    samples: list[Sample],
+    compute: Compute,
+    batch_size: int,
+    context: StageContext,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -120,7 +134,9 @@ def _build(
             pending.clear()
             shard_count += 1
 
-    bar = tqdm(total=len(mine), desc=f"{kind} cache", disable=not (context.progress and context.is_main_process))
+    bar = tqdm(
+        total=len(mine), desc=f"{kind} cache", disable=not (context.progress and context.is_main_process)
+    )
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         for sample, tensor in zip(chunk, compute(chunk), strict=True):

@@ -10,12 +10,18 @@ from latentkit.config import StrictModel
 
 
 class MonetConfig(StrictModel):
-    latent_tokens: tuple[str, str, str] = ("<abs_vis_token>", "<abs_vis_token_pad>", "</abs_vis_token>")  # start, slot, end
+    latent_tokens: tuple[str, str, str] = (
+        "<abs_vis_token>",
+        "<abs_vis_token_pad>",
+        "</abs_vis_token>",
+    )  # start, slot, end
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")
     num_latents: int = Field(8, gt=0)  # K latent slots per auxiliary image in training
     warmup_observation_weight: float = Field(2.0, ge=0.0)  # stage 1
     observation_weight: float = Field(4.0, ge=0.0)  # stages 2 and 3
-    alignment_weight: float = Field(2.0, ge=0.0)  # alpha of stage 2 (the official code's effective value is 4)
+    alignment_weight: float = Field(
+        2.0, ge=0.0
+    )  # alpha of stage 2 (the official code's effective value is 4)
     target_alignment_weight: float = Field(2.0, ge=0.0)  # stage 3
     # Ablation switches (stage 2): the paper's latent-only backprop, the observation alignment itself, and the
     # official code's cosine over the token axis instead of the hidden axis.

@@ -5,14 +5,14 @@ start, K slots, end, under the controlled mask; stage 3 each auxiliary image rep
 from __future__ import annotations
 
 import torch
+from latentkit.methods.monet.config import MonetConfig
+from latentkit.methods.sft import SFTConfig
+from latentkit.methods.sft.method import sft_layout
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, render_chat
 from latentkit.layout import Batch, Kind, Layout, LayoutBuilder
 from latentkit.masks import MaskSpec, monet_stage2
-from latentkit.methods.monet.config import MonetConfig
-from latentkit.methods.sft import SFTConfig
-from latentkit.methods.sft.method import sft_layout
 from latentkit.segments import Sample, Segment
 
 
@@ -41,10 +41,20 @@ def latent_layout(backbone: Backbone, sample: Sample, config: MonetConfig, keep_
         if keep_aux_images:
             assert segment.image is not None
             builder.add_image(segment.image, Kind.AUX_IMAGE, segment_index)
-        builder.add_latent(start, slot, end, config.num_latents, segment_index, train_start=not keep_aux_images, train_end=True)
+        builder.add_latent(
+            start,
+            slot,
+            end,
+            config.num_latents,
+            segment_index,
+            train_start=not keep_aux_images,
+            train_end=True,
+        )
 
     builder = LayoutBuilder(backbone)
-    weights = ResponseWeights(config.observation_weight, config.observation_tags, config.train_observation_tags)
+    weights = ResponseWeights(
+        config.observation_weight, config.observation_tags, config.train_observation_tags
+    )
     render_chat(builder, sample, on_aux_image, weights)
     return builder.build(sample.sample_id)
 
@@ -58,8 +68,13 @@ def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
     """
     aux = [slot for slot in layout.images if slot.kind == Kind.AUX_IMAGE]
     if len(aux) != len(layout.latents):
-        raise ValueError(f"sample {layout.sample_id}: {len(aux)} auxiliary images but {len(layout.latents)} latent blocks")
-    return [(image.start - 1, image.end + 1, latent.start, latent.end) for image, latent in zip(aux, layout.latents)]
+        raise ValueError(
+            f"sample {layout.sample_id}: {len(aux)} auxiliary images but {len(layout.latents)} latent blocks"
+        )
+    return [
+        (image.start - 1, image.end + 1, latent.start, latent.end)
+        for image, latent in zip(aux, layout.latents)
+    ]
 
 
 def stage2_mask(batch: Batch) -> MaskSpec:

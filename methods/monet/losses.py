@@ -10,7 +10,9 @@ import torch.nn.functional as F
 CosineAxis = Literal["hidden", "token"]
 
 
-def alignment_loss(students: list[torch.Tensor], teachers: list[torch.Tensor], axis: CosineAxis = "hidden") -> torch.Tensor:
+def alignment_loss(
+    students: list[torch.Tensor], teachers: list[torch.Tensor], axis: CosineAxis = "hidden"
+) -> torch.Tensor:
     """Mean of 1 - cos(h_teacher, h_student) over layers and tokens; each item is one sample's [layers, n, D].
 
     `hidden`: cosine over the hidden dimension (the paper), averaged over every (layer, token) of the batch.
@@ -22,7 +24,9 @@ def alignment_loss(students: list[torch.Tensor], teachers: list[torch.Tensor], a
         return students[0].new_zeros(()) if students else torch.zeros(())
     for student, teacher in pairs:
         if student.shape != teacher.shape:
-            raise ValueError(f"alignment: student {list(student.shape)} and teacher {list(teacher.shape)} differ")
+            raise ValueError(
+                f"alignment: student {list(student.shape)} and teacher {list(teacher.shape)} differ"
+            )
     if axis == "hidden":
         student = torch.cat([s for s, _ in pairs], dim=1).float()
         teacher = torch.cat([t for _, t in pairs], dim=1).float()
@@ -31,7 +35,9 @@ def alignment_loss(students: list[torch.Tensor], teachers: list[torch.Tensor], a
     return torch.stack(per_sample).mean()
 
 
-def latent_only_proxy(latents: torch.Tensor, latent_inputs: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
+def latent_only_proxy(
+    latents: torch.Tensor, latent_inputs: torch.Tensor, align: torch.Tensor
+) -> torch.Tensor:
     """Paper eq. 9: g = dL_align/d(latents) (detached); proxy = sum <latents, g>.
 
     `latent_inputs` is the detached leaf that forward 2 read in place of `latents` (which keep forward 1's

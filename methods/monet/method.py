@@ -7,14 +7,6 @@ by latents aligned to the distill model's latents). Decoding: `latentkit.latent.
 from __future__ import annotations
 
 import torch
-
-from latentkit.backbone import Backbone
-from latentkit.errors import CheckpointError
-from latentkit.eval.model import model_fingerprint
-from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_latents
-from latentkit.layout import Batch, Layout, collate, inputs_embeds
-from latentkit.losses import weighted_next_token_ce
-from latentkit.masks import MaskSpec
 from latentkit.methods.monet.cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
 from latentkit.methods.monet.config import MonetConfig
 from latentkit.methods.monet.layout import (
@@ -26,6 +18,14 @@ from latentkit.methods.monet.layout import (
 )
 from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
 from latentkit.methods.sft.method import sft_loss
+
+from latentkit.backbone import Backbone
+from latentkit.errors import CheckpointError
+from latentkit.eval.model import model_fingerprint
+from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_latents
+from latentkit.layout import Batch, Layout, collate, inputs_embeds
+from latentkit.losses import weighted_next_token_ce
+from latentkit.masks import MaskSpec
 from latentkit.registry import LossOutput, Method, StageContext, register_method
 from latentkit.segments import Sample
 
@@ -66,8 +66,13 @@ class Monet(Method):
         if stage == "distill" and self.config.observation_alignment:
             expected = self._fingerprint(TEACHER, stages_dir / "warmup" / "final", context.samples)
             self.caches[TEACHER] = ensure_cache(
-                context.stage_dir / TEACHER, TEACHER, expected, context.samples, self.teacher_representations,
-                self.config.cache_batch_size, context,
+                context.stage_dir / TEACHER,
+                TEACHER,
+                expected,
+                context.samples,
+                self.teacher_representations,
+                self.config.cache_batch_size,
+                context,
             )
         elif stage == "latent":
             expected = self._fingerprint(TARGETS, stages_dir / "distill" / "final", context.samples)
@@ -75,13 +80,21 @@ class Monet(Method):
             if cache_fingerprint(directory) != expected:
                 context.load_stage_weights("distill")  # the targets come from the stage-2 model
             self.caches[TARGETS] = ensure_cache(
-                directory, TARGETS, expected, context.samples, self.target_latents, self.config.cache_batch_size, context
+                directory,
+                TARGETS,
+                expected,
+                context.samples,
+                self.target_latents,
+                self.config.cache_batch_size,
+                context,
             )
             context.load_stage_weights("warmup")
 
     def _fingerprint(self, kind: str, weights_dir, samples: list[Sample]) -> str:
         if not weights_dir.is_dir():
-            raise CheckpointError(f"{weights_dir} is missing: run the stage that writes it first (train.stage=...)")
+            raise CheckpointError(
+                f"{weights_dir} is missing: run the stage that writes it first (train.stage=...)"
+            )
         settings = {
             "kind": kind,
             "config": self.config.model_dump(mode="json", exclude={"cache_batch_size"}),
@@ -96,7 +109,12 @@ class Monet(Method):
         layouts = [teacher_layout(backbone, sample, self.config) for sample in samples]
         batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
         with _eval_mode(backbone):
-            out = backbone.forward(inputs_embeds(backbone, batch), batch.position_ids, super().mask(batch, "warmup"), output_hidden_states=True)
+            out = backbone.forward(
+                inputs_embeds(backbone, batch),
+                batch.position_ids,
+                super().mask(batch, "warmup"),
+                output_hidden_states=True,
+            )
         close = backbone.token_id(self.config.observation_tags[1])
         return _gather(out.hidden_states, layouts, lambda layout: observation_positions(layout, close))
 
@@ -125,11 +143,15 @@ class Monet(Method):
     def fill_batch(self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec) -> FilledLatents:
         """Forward 1: every latent slot of the batch filled by hidden-state feedback under `mask`."""
         slots = [latent_slot_positions(layout) for layout in batch.layouts]
-        return fill_latents(self.backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts])
+        return fill_latents(
+            self.backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts]
+        )
 
     def _cache(self, kind: str) -> RepresentationCache:
         if kind not in self.caches:
-            raise CheckpointError(f"monet: the {kind} cache is not loaded; prepare_stage must run before the loss")
+            raise CheckpointError(
+                f"monet: the {kind} cache is not loaded; prepare_stage must run before the loss"
+            )
         return self.caches[kind]
 
     def _distill_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
@@ -142,7 +164,9 @@ class Monet(Method):
         if config.latent_only_backprop:
             latent_inputs = filled.values.detach().requires_grad_(True)
         out = backbone.forward(
-            FilledLatents(latent_inputs, filled.positions).write(embeds), batch.position_ids, mask,
+            FilledLatents(latent_inputs, filled.positions).write(embeds),
+            batch.position_ids,
+            mask,
             output_hidden_states=config.observation_alignment,
         )
         ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
@@ -151,7 +175,11 @@ class Monet(Method):
             return LossOutput(ce, metrics)
         close = backbone.token_id(config.observation_tags[1])
         teachers = [t.to(embeds.device) for t in self._cache(TEACHER).get(batch.sample_ids)]
-        align = alignment_loss(_gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close)), teachers, config.cosine_axis)
+        align = alignment_loss(
+            _gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close)),
+            teachers,
+            config.cosine_axis,
+        )
         metrics["align"] = float(align.detach())
         if config.latent_only_backprop:
             proxy = latent_only_proxy(filled.values, latent_inputs, align)
@@ -179,7 +207,9 @@ class Monet(Method):
         start, _, end = self.config.latent_tokens
         tokens = LatentTokens(self.backbone.token_id(start), self.backbone.token_id(end))
         k = self.config.decode_latents or self.config.num_latents
-        return LatentStep(tokens, k, force=self.config.decode_force, stop_at_end=self.config.decode_stop_at_end)
+        return LatentStep(
+            tokens, k, force=self.config.decode_force, stop_at_end=self.config.decode_stop_at_end
+        )
 
 
 def _slot_index(layout: Layout) -> torch.Tensor:
