@@ -31,5 +31,7 @@ class MonetConfig(StrictModel):
     train_observation_tags: bool = True  # stages 2-3; stage 1 ignores the tags (spec)
     cache_batch_size: int = Field(8, gt=0)  # batch of the teacher and target passes
     decode_latents: int | None = Field(None, gt=0)  # test-time K (default num_latents)
-    decode_stop_at_end: bool = True  # a latent block ends early when the model samples the end token
+    # End a latent block early when the model samples the end token there (the official inference). Off by default:
+    # training never targets a token at the first K-1 slots, so that choice is noise (measured: blocks of 1 latent).
+    decode_stop_at_end: bool = False
     decode_force: bool = False  # every answer opens with a latent block
