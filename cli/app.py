@@ -6,7 +6,7 @@ import sys
 
 import click
 import typer
-from latentkit.cli import benchmarks, compare, data, env, evaluate, methods, train
+from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, methods, train
 
 app = typer.Typer(
     help="latentkit: train and compare latent-reasoning methods for vision-language models.",
@@ -19,6 +19,7 @@ app.add_typer(methods.app, name="methods")
 app.add_typer(data.app, name="data")
 app.command("eval")(evaluate.eval_command)
 app.command("compare")(compare.compare_command)
+app.command("diagnose")(diagnose.diagnose_command)
 app.add_typer(benchmarks.app, name="benchmarks")
 app.command("env")(env.env_command)
 

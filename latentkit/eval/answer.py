@@ -93,7 +93,7 @@ def _answer_batch(
         still_active = []
         for row, generation in zip(active, generations):
             item = pending[row]
-            item.tokens += len(generation.token_ids)
+            item.tokens += generation.steps  # latent steps use the budget too, though they emit no token
             has_budget = item.tokens < params.max_new_tokens
             asks_for_image = generation.finish_reason == "stop" and generation.token_ids[-1:] == [tool_token]
             if asks_for_image and has_budget:

@@ -57,6 +57,7 @@ class Generation:
     text: str
     finish_reason: FinishReason
     extras: dict[str, object] = field(default_factory=dict)  # filled by step functions (latents, triggers)
+    steps: int = 0  # decoding steps used, latent steps (which emit no token) included
 
 
 @dataclass
@@ -164,11 +165,13 @@ def generate(
     token_ids: list[list[int]] = [[] for _ in range(size)]
     reasons: list[FinishReason] = ["length"] * size
     texts: list[str | None] = [None] * size
+    steps_used = torch.zeros(size, dtype=torch.long, device=backbone.device)
     for step in range(params.max_new_tokens):
         hidden = out.last_hidden_state[:, -1]
         sampled = sample_next(backbone.logits(hidden), params, generator)
         state = DecodeState(step, finished.clone(), token_ids)
         decided = step_function(backbone, sampled, hidden, state)
+        steps_used += ~finished
         emitted = decided.emitted.masked_fill(finished, -1)
         is_eos = torch.isin(emitted, eos).tolist()
         for row, token in enumerate(emitted.tolist()):
@@ -200,7 +203,7 @@ def generate(
             if texts[row] is not None
             else backbone.tokenizer.decode(ids, skip_special_tokens=False)
         )
-        generations.append(Generation(token_ids[row], text, reasons[row]))
+        generations.append(Generation(token_ids[row], text, reasons[row], steps=int(steps_used[row])))
     step_function.finish(generations)
     return generations
 

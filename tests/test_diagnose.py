@@ -1,0 +1,196 @@
+"""`latentkit diagnose` on a briefly trained tiny Monet run, its refusals, and the collapse score by hand."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import latentkit, train_args
+from latentkit.cli.app import main
+from PIL import Image
+
+from latentkit.eval.diagnose import DiagnoseOptions, cross_input_cosine, diagnose
+from latentkit.eval.model import load_eval_model
+
+COMMON = ["--benchmark", "synth-zoom", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "3"]
+DIAGNOSE = [*COMMON, "--k-sweep", "1,2"]
+CONDITIONS = ("zeros", "constant", "noise", "dataset_mean")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    # Test-time K=2 keeps decoding short; K=2 in the sweep then reuses the forced run.
+    monet = ("--method", "monet", "train.steps=2", "data.synth.n_test=8", "method.decode_latents=2")
+    latentkit(*train_args(out, "m", *monet))
+    latentkit(*train_args(out, "s", "train.steps=1"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def diagnosed(runs):
+    """Default output folder; batches of 3 over 4 samples, so answers span two batches."""
+    result = latentkit("diagnose", "--run", str(runs / "m"), *DIAGNOSE)
+    report = json.loads((runs / "m" / "diagnose" / "synth-zoom-test.json").read_text())
+    return result, report
+
+
+def test_reports_are_written(runs, diagnosed):
+    result, report = diagnosed
+    folder = runs / "m" / "diagnose"
+    assert all((folder / f"synth-zoom-test.{suffix}").is_file() for suffix in ("json", "md", "png"))
+    assert "| condition | accuracy |" in result.stdout and "## Test-time K" in result.stdout
+    assert str(folder / "synth-zoom-test.png") in result.stdout
+    assert len([line for line in result.stderr.splitlines() if " K=" in line]) == 8  # one line per condition
+    with Image.open(folder / "synth-zoom-test.png") as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] > 600
+    assert report["model"]["method"] == "monet" and report["model"]["run"] == str(runs / "m")
+    assert (report["benchmark"], report["split"], report["scorer"], report["num_samples"]) == (
+        "synth-zoom",
+        "test",
+        "boxed_exact",
+        4,
+    )
+    info = json.loads((runs / "m" / "data/synth-zoom/synth_info.json").read_text())
+    assert report["chance_level"] == info["chance_level"]
+    assert report["decoding"]["k"] == 2 and report["decoding"]["max_new_tokens"] == 6
+    assert [point["k"] for point in report["k_sweep"]] == [1, 2]
+
+
+def test_values_are_consistent_with_the_per_sample_answers(diagnosed):
+    _, report = diagnosed
+    answers = [sample["answers"] for sample in report["per_sample"]]
+    assert len(answers) == 4
+
+    def column(name: str, key: str) -> list:
+        return [a[name][key] for a in answers]
+
+    generated = report["generated"]
+    triggered = [blocks > 0 for blocks in column("generated", "latent_blocks")]
+    assert generated["trigger_rate"] == pytest.approx(sum(triggered) / 4)
+    assert generated["accuracy"] == pytest.approx(sum(column("generated", "correct")) / 4)
+    assert generated["mean_blocks"] == pytest.approx(sum(column("generated", "latent_blocks")) / 4)
+    # The model is barely trained: it never opens a block itself, so later conditions force the blocks.
+    assert report["latents_forced"] == (not any(triggered))
+    assert report["forced"]["trigger_rate"] == 1.0  # a start token and at least one latent fit in 6 tokens
+    baseline = report["interventions"]["baseline"]
+    assert baseline == ("forced" if report["latents_forced"] else "generated")
+    for name in CONDITIONS:
+        result = report["interventions"]["conditions"][name]
+        assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["changed"] <= 1.0
+        assert result["delta"] == pytest.approx(
+            result["accuracy"] - report["interventions"]["baseline_accuracy"]
+        )
+        changed = [a != b for a, b in zip(column(name, "extracted"), column(baseline, "extracted"))]
+        assert result["changed"] == pytest.approx(sum(changed) / 4)
+    for point in report["k_sweep"]:
+        steps = column(f"k={point['k']}", "latent_steps")
+        blocks = column(f"k={point['k']}", "latent_blocks")
+        assert all(s <= point["k"] * b for s, b in zip(steps, blocks))  # no block longer than its K
+    collapse = report["collapse"]
+    assert -1.0 <= collapse["cross_input_cosine"] <= 1.0 and collapse["mean_norm"] > 0
+    assert collapse["latents"] == sum(column(baseline, "latent_steps"))
+
+
+def test_generated_condition_is_what_eval_answers(runs, diagnosed, tmp_path):
+    _, report = diagnosed
+    out = tmp_path / "eval.jsonl"
+    latentkit("eval", "--run", str(runs / "m"), *COMMON, "--out", str(out), "--no-progress")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    generated = [sample["answers"]["generated"] for sample in report["per_sample"]]
+    assert [r["sample_id"] for r in records] == [s["sample_id"] for s in report["per_sample"]]
+    assert [r["extracted"] for r in records] == [g["extracted"] for g in generated]
+    assert [r["correct"] for r in records] == [g["correct"] for g in generated]
+    # eval reports the latent blocks of an answer's last generate round; diagnose counts every round
+    assert all(g["latent_blocks"] >= r["latent_blocks"] for r, g in zip(records, generated))
+
+
+def test_latents_that_trigger_are_diagnosed_without_forcing(runs, tmp_path, monkeypatch):
+    model = load_eval_model(run=runs / "m")
+    backbone = model.backbone
+    start = backbone.token_id(model.method.config.latent_tokens[0])
+    original = backbone.logits
+
+    def prefers_start(
+        hidden: torch.Tensor,
+    ) -> torch.Tensor:  # a model that opens a latent block whenever it can
+        logits = original(hidden)
+        return logits.index_add(-1, torch.tensor([start]), torch.full((*logits.shape[:-1], 1), 1e4))
+
+    monkeypatch.setattr(backbone, "logits", prefers_start)
+    options = DiagnoseOptions("synth-zoom", limit=3, batch_size=2, max_new_tokens=4, k_sweep=(1,))
+    report, paths = diagnose(model, options, tmp_path, log=lambda line: None)
+    assert report["generated"]["trigger_rate"] == 1.0 and report["generated"]["accuracy_untriggered"] is None
+    assert not report["latents_forced"]
+    assert report["interventions"]["baseline"] == "generated"
+    assert report["collapse"]["latents_from"] == "generated" and report["collapse"]["pairs"] > 0
+    assert "force one" not in paths["md"].read_text()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_refusals_exit_2_with_one_line(runs, capsys, tmp_path):
+    code, err = run_cli(capsys, "diagnose", "--run", str(runs / "s"), *DIAGNOSE)
+    error = one_line_error(err)
+    assert code == 2 and "'sft'" in error and "latent method such as monet" in error
+    cases = {
+        ("--run", str(tmp_path / "missing")): "not a training run",
+        ("--run", str(runs / "m"), "--k-sweep", "1,x"): "--k-sweep",
+        ("--run", str(runs / "m"), "--k-sweep", "0,2"): "--k-sweep",
+        ("--run", str(runs / "m"), "--max-new-tokens", "1"): "--max-new-tokens",
+    }
+    for args, message in cases.items():
+        code, err = run_cli(capsys, "diagnose", *DIAGNOSE, *args)
+        assert code == 2 and message in one_line_error(err), (args, err)
+
+
+def brute_force_cosine(latents: list[list[torch.Tensor]]) -> tuple[float, int]:
+    """Every pair of latents at the same step index whose owners differ, one by one."""
+    by_step: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for owner, blocks in enumerate(latents):
+        for block in blocks:
+            for j, vector in enumerate(block):
+                by_step.setdefault(j, []).append((owner, vector.double()))
+    values = [
+        float(torch.dot(a, b) / (a.norm() * b.norm()))
+        for pairs in by_step.values()
+        for (oa, a), (ob, b) in itertools.combinations(pairs, 2)
+        if oa != ob
+    ]
+    return sum(values) / len(values), len(values)
+
+
+def test_cross_input_cosine_by_hand():
+    t = torch.tensor
+    latents = [
+        [t([[1.0, 0.0], [0.0, 1.0]])],  # sample A: one block of two latents
+        [t([[3.0, 0.0], [1.0, 1.0]])],  # sample B
+        [t([[0.0, 2.0]]), t([[-1.0, 0.0], [2.0, 0.0]])],  # sample C: two blocks; its own pairs never count
+    ]
+    # step 0: A.B = 1, A.C = 0 and -1, B.C = 0 and -1 (C.C skipped); step 1: A.B = 1/√2, A.C = 0, B.C = 1/√2
+    cosine, pairs = cross_input_cosine(latents)
+    assert pairs == 8
+    assert cosine == pytest.approx((math.sqrt(2) - 1) / 8)
+    assert cross_input_cosine([[t([[1.0, 2.0]])], [t([[2.0, 4.0]])]]) == (pytest.approx(1.0), 1)
+    assert cross_input_cosine([[t([[1.0, 0.0]]), t([[1.0, 0.0]])]]) == (None, 0)  # one input: no pairs
+    generator = torch.Generator().manual_seed(0)
+    lengths = [[3, 1], [2], [3, 3, 2], [1]]
+    random = [[torch.randn(k, 5, generator=generator) for k in blocks] for blocks in lengths]
+    expected, count = brute_force_cosine(random)
+    cosine, pairs = cross_input_cosine(random)
+    assert pairs == count and cosine == pytest.approx(expected)
