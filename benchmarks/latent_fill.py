@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from latentkit.methods.monet import Monet, MonetConfig
+from latentkit.methods.monet.layout import latent_slot_positions
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
@@ -51,7 +52,7 @@ def fill_recomputing(method: Monet, layout) -> torch.Tensor:
     backbone = method.backbone
     batch = collate([layout], backbone.tokenizer.pad_token_id)
     mask = method.mask(batch, "distill")
-    slots = [[p for latent in layout.latents for p in range(latent.start + 1, latent.end)]]
+    slots = [latent_slot_positions(layout)]
     return fill_latents_reference(backbone, inputs_embeds(backbone, batch), batch.position_ids, mask, slots)[
         0
     ]

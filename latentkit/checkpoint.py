@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -21,6 +22,7 @@ from latentkit.registry import Method
 STATE_FILE = "trainer_state.json"
 METHOD_FILE = "latentkit_method.json"
 METHOD_MODULES_FILE = "method_modules.safetensors"
+_FINGERPRINT_BYTES = 1 << 20
 
 
 def checkpoint_dir(stage_dir: Path, step: int) -> Path:
@@ -49,7 +51,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(stage_dir: Path, step: int, accelerator: Any, module: nn.Module, optimizer, scheduler) -> Path:
+def save_checkpoint(
+    stage_dir: Path, step: int, accelerator: Any, module: nn.Module, optimizer, scheduler
+) -> Path:
     """Every process writes its RNG state into a temp dir; the main process adds the rest and renames it."""
     final = checkpoint_dir(stage_dir, step)
     staging = final.with_name(f".tmp-{final.name}")
@@ -78,8 +82,12 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
             f"{path} was written by {state['num_processes']} processes; resume it with the same number "
             f"(got {accelerator.num_processes}) so the data order stays the same"
         )
-    load_model(accelerator.unwrap_model(module), str(path / "model.safetensors"), device=str(accelerator.device))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True))
+    load_model(
+        accelerator.unwrap_model(module), str(path / "model.safetensors"), device=str(accelerator.device)
+    )
+    optimizer.load_state_dict(
+        torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
+    )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
     return int(state["step"])
@@ -111,7 +119,10 @@ def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> 
     shutil.rmtree(staging, ignore_errors=True)
     backbone.save(staging)
     if len(list(method.modules.parameters())) > 0:
-        save_file({k: v.contiguous() for k, v in method.modules.state_dict().items()}, str(staging / METHOD_MODULES_FILE))
+        save_file(
+            {k: v.contiguous() for k, v in method.modules.state_dict().items()},
+            str(staging / METHOD_MODULES_FILE),
+        )
     (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
     replace_directory(staging, target)
 
@@ -126,3 +137,19 @@ def load_final_weights(module: nn.Module, final_dir: Path) -> None:
     target.load_state_dict(saved.state_dict())
     if (final_dir / METHOD_MODULES_FILE).is_file():
         module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))
+
+
+def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:
+    """sha256 over the run config and every model file's name, size and first and last MiB."""
+    digest = hashlib.sha256()
+    if run_dir is not None:
+        digest.update((run_dir / "config.yaml").read_bytes())
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(model_dir)}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            if size > 2 * _FINGERPRINT_BYTES:
+                handle.seek(-_FINGERPRINT_BYTES, 2)
+                digest.update(handle.read())
+    return digest.hexdigest()[:16]

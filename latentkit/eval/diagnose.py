@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 
-from latentkit.backbone import Backbone
 from latentkit.errors import ConfigError
-from latentkit.eval.answer import Answer, answer_samples
+from latentkit.eval.answer import answer_samples
 from latentkit.eval.benchmarks import get_benchmark
-from latentkit.eval.generate import DecodeState, Generation, SamplingParams, StepOutput
+from latentkit.eval.generate import SamplingParams
 from latentkit.eval.model import EvalModel
 from latentkit.eval.runner import load_eval_set, score_answer
 from latentkit.eval.scorers import Scorer, get_scorer
-from latentkit.latent import Constant, DatasetMean, Intervention, LatentStep, Noise, RowLatents, Zeros
+from latentkit.latent import Constant, DatasetMean, Intervention, LatentStep, Noise, Zeros
 from latentkit.records import write_json
 from latentkit.registry import Method
 from latentkit.segments import Sample
@@ -170,42 +169,6 @@ class ConditionRun:
         return sum(picked) / len(picked) if picked else None
 
 
-class _Recorder:
-    """A `LatentStep` that gives every answer the latent blocks of all its generate rounds, in answer order.
-
-    `answer_samples` may continue an unfinished answer in further rounds: each round's rows are the answers
-    still open, in order, and the round that finishes an answer hands it its `Generation.extras` dict.
-    """
-
-    def __init__(self, step: LatentStep):
-        self.step = step
-        self.rounds: list[list[tuple[Generation, RowLatents]]] = []
-        self.latents: Latents = []
-
-    def __call__(
-        self, backbone: Backbone, sampled: torch.Tensor, hidden: torch.Tensor, state: DecodeState
-    ) -> StepOutput:
-        return self.step(backbone, sampled, hidden, state)
-
-    def finish(self, generations: list[Generation]) -> None:
-        self.step.finish(generations)
-        self.rounds.append(list(zip(generations, self.step.rows[len(self.step.rows) - len(generations) :])))
-
-    def on_batch(self, answers: list[Answer]) -> None:
-        finished = {id(answer.extras) for answer in answers}
-        latents: Latents = [[] for _ in answers]
-        owners = list(range(len(answers)))
-        for round_rows in self.rounds:
-            still_open = []
-            for owner, (generation, row) in zip(owners, round_rows):
-                latents[owner].extend(row.blocks)
-                if id(generation.extras) not in finished:
-                    still_open.append(owner)
-            owners = still_open
-        self.rounds = []
-        self.latents.extend(latents)
-
-
 class _Runner:
     """Runs conditions over the samples; runs without an intervention are kept by (K, force) and reused."""
 
@@ -234,26 +197,22 @@ class _Runner:
         step = LatentStep(
             self.base.tokens, k, force=force, stop_at_end=self.base.stop_at_end, intervention=intervention
         )
-        recorder = _Recorder(step)
-        answers = answer_samples(
-            self.method,
-            self.samples,
-            self.params,
-            self.batch_size,
-            on_batch=recorder.on_batch,
-            step_function=recorder,
-        )
+        answers = answer_samples(self.method, self.samples, self.params, self.batch_size, step_function=step)
+        # Without auxiliary images every answer is one generated row, so `step.rows` is in answer order.
+        if len(step.rows) != len(answers):
+            raise RuntimeError(f"diagnose: {len(step.rows)} decoded rows for {len(answers)} answers")
+        latents: Latents = [row.blocks for row in step.rows]
         scores = [score_answer(answer, self.scorer) for answer in answers]
-        lengths = [[int(block.shape[0]) for block in blocks] for blocks in recorder.latents]
+        lengths = [[int(block.shape[0]) for block in blocks] for blocks in latents]
         run = ConditionRun(name, [s.extracted for s in scores], [s.correct for s in scores], lengths)
         if intervention is None:
-            self.done[(k, force)] = (run, recorder.latents)
+            self.done[(k, force)] = (run, latents)
         summary = run.summary()
         self.log(
             f"{name:<14} K={k:<3} force={str(force).lower():<5} accuracy {summary['accuracy']:.3f}  "
             f"trigger rate {summary['trigger_rate']:.2f}  ({time.perf_counter() - began:.1f}s)"
         )
-        return run, recorder.latents
+        return run, latents
 
 
 def default_output_dir(model: EvalModel) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +9,12 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from latentkit.backbone import Backbone, build_backbone
-from latentkit.checkpoint import METHOD_FILE, METHOD_MODULES_FILE
+from latentkit.checkpoint import METHOD_FILE, METHOD_MODULES_FILE, model_fingerprint
 from latentkit.config import LatentkitConfig, build_config, read_yaml
 from latentkit.errors import CheckpointError, ConfigError
 from latentkit.registry import Method, get_method
 
 # Reading whole multi-GB weight files would make every eval slow; their ends and sizes identify them.
-_FINGERPRINT_BYTES = 1 << 20
 
 
 @dataclass
@@ -91,19 +89,3 @@ def load_eval_model(run: Path | None = None, checkpoint: Path | None = None) -> 
     method.modules.eval()
     fingerprint = model_fingerprint(model_dir, run_dir)
     return EvalModel(backbone, method, config, model_dir, run_dir, saved.get("stage"), fingerprint)
-
-
-def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:
-    """sha256 over the run config and every model file's name, size and first and last MiB."""
-    digest = hashlib.sha256()
-    if run_dir is not None:
-        digest.update((run_dir / "config.yaml").read_bytes())
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        size = path.stat().st_size
-        digest.update(f"{path.relative_to(model_dir)}:{size}".encode())
-        with open(path, "rb") as handle:
-            digest.update(handle.read(_FINGERPRINT_BYTES))
-            if size > 2 * _FINGERPRINT_BYTES:
-                handle.seek(-_FINGERPRINT_BYTES, 2)
-                digest.update(handle.read())
-    return digest.hexdigest()[:16]

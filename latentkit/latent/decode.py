@@ -150,8 +150,7 @@ class LatentStep:
 
     def finish(self, generations: list[Generation]) -> None:
         for row, generation in enumerate(generations):
-            record = self._live[row] if row < len(self._live) else RowLatents()
-            open_block = self._block[row] if row < len(self._block) else None
+            record, open_block = self._live[row], self._block[row]
             if open_block:  # cut off by the token budget inside a block
                 record.blocks.append(torch.stack(open_block).float().cpu())
             generation.extras["latent_blocks"] = len(record.blocks)

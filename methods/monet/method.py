@@ -20,8 +20,8 @@ from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
 from latentkit.methods.sft.method import sft_loss
 
 from latentkit.backbone import Backbone
+from latentkit.checkpoint import model_fingerprint
 from latentkit.errors import CheckpointError
-from latentkit.eval.model import model_fingerprint
 from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_latents
 from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
@@ -77,7 +77,8 @@ class Monet(Method):
         elif stage == "latent":
             expected = self._fingerprint(TARGETS, stages_dir / "distill" / "final", context.samples)
             directory = stages_dir / "distill" / TARGETS
-            if cache_fingerprint(directory) != expected:
+            rebuild = cache_fingerprint(directory) != expected
+            if rebuild:
                 context.load_stage_weights("distill")  # the targets come from the stage-2 model
             self.caches[TARGETS] = ensure_cache(
                 directory,
@@ -88,7 +89,8 @@ class Monet(Method):
                 self.config.cache_batch_size,
                 context,
             )
-            context.load_stage_weights("warmup")
+            if rebuild:
+                context.load_stage_weights("warmup")  # back to this stage's initial weights
 
     def _fingerprint(self, kind: str, weights_dir, samples: list[Sample]) -> str:
         if not weights_dir.is_dir():
