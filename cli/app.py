@@ -6,7 +6,7 @@ import sys
 
 import click
 import typer
-from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, methods, train
+from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, generate, methods, train
 
 app = typer.Typer(
     help="latentkit: train and compare latent-reasoning methods for vision-language models.",
@@ -18,6 +18,7 @@ app.command("train")(train.train_command)
 app.add_typer(methods.app, name="methods")
 app.add_typer(data.app, name="data")
 app.command("eval")(evaluate.eval_command)
+app.command("generate")(generate.generate_command)
 app.command("compare")(compare.compare_command)
 app.command("diagnose")(diagnose.diagnose_command)
 app.add_typer(benchmarks.app, name="benchmarks")

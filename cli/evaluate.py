@@ -43,8 +43,8 @@ def eval_command(
 
     from transformers.utils import logging
 
+    from latentkit.decoding import SamplingParams
     from latentkit.eval.benchmarks import get_benchmark
-    from latentkit.eval.generate import SamplingParams
     from latentkit.eval.model import load_eval_model
     from latentkit.eval.runner import EvalOptions, default_output, evaluate, summary_path
 

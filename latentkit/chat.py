@@ -13,6 +13,7 @@ from latentkit.layout import Kind, LayoutBuilder
 from latentkit.segments import Sample, Segment
 
 AuxImageHandler = Callable[[LayoutBuilder, Segment, int], None]
+InsertHandler = Callable[[LayoutBuilder, int], None]
 
 
 def inline_aux_image(builder: LayoutBuilder, segment: Segment, segment_index: int) -> None:
@@ -40,10 +41,19 @@ def render_chat(
     on_aux_image: AuxImageHandler,
     weights: ResponseWeights,
     prompt_only: bool = False,
+    after_images: InsertHandler | None = None,
 ) -> None:
-    """Append the conversation; with `prompt_only`, stop after the assistant header (for generation)."""
+    """Append the conversation; with `prompt_only`, stop after the assistant header (for generation).
+
+    `after_images` is called once, right after the question's last image (or, without one, before the first
+    user segment's content), to place vectors such as prompt embeddings.
+    """
     chat = builder.backbone.chat
     open_tag, close_tag = weights.observation_tags
+    images = [i for i, s in enumerate(sample.segments) if s.kind == "image"]
+    users = [i for i, s in enumerate(sample.segments) if s.role == "user"]
+    insert_after = images[-1] if images else None
+    insert_before = None if images or not users else users[0]
     role = None
     for index, segment in enumerate(sample.segments):
         if segment.role != role:
@@ -54,6 +64,8 @@ def render_chat(
             builder.add_text(f"{role}\n", Kind.TEXT, index)
             if prompt_only and role == "assistant":
                 return
+        if after_images is not None and index == insert_before:
+            after_images(builder, index)
         train = role == "assistant"
         if segment.kind == "text":
             builder.add_text(segment.text, Kind.TEXT, index, train=train)
@@ -65,6 +77,8 @@ def render_chat(
         elif segment.kind == "image":
             assert segment.image is not None
             builder.add_image(segment.image, Kind.IMAGE, index)
+            if after_images is not None and index == insert_after:
+                after_images(builder, index)
         else:
             on_aux_image(builder, segment, index)
     if role is not None:

@@ -44,6 +44,15 @@ class LatentSlot:
     segment_index: int
 
 
+@dataclass(frozen=True)
+class EmbeddingSlot:
+    """Vectors written into `inputs_embeds` at [start, start + n) (prompt embeddings); never targets."""
+
+    start: int
+    vectors: torch.Tensor  # [n, D]
+    segment_index: int
+
+
 @dataclass
 class Layout:
     sample_id: str
@@ -55,6 +64,7 @@ class Layout:
     position_ids: torch.Tensor  # long [N] or [3, N]
     images: list[ImageSlot]
     latents: list[LatentSlot]
+    embeddings: list[EmbeddingSlot] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -72,18 +82,25 @@ class LayoutBuilder:
     weights: list[float] = field(default_factory=list)
     images: list[ImageSlot] = field(default_factory=list)
     latents: list[LatentSlot] = field(default_factory=list)
+    embeddings: list[EmbeddingSlot] = field(default_factory=list)
 
-    def add_ids(self, ids: list[int], kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+    def add_ids(
+        self, ids: list[int], kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+    ) -> None:
         self.ids.extend(ids)
         self.kinds.extend([int(kind)] * len(ids))
         self.segments.extend([segment_index] * len(ids))
         self.labels.extend(ids if train else [IGNORE_INDEX] * len(ids))
         self.weights.extend([weight if train else 0.0] * len(ids))
 
-    def add_text(self, text: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+    def add_text(
+        self, text: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+    ) -> None:
         self.add_ids(self.backbone.encode_text(text), kind, segment_index, train, weight)
 
-    def add_token(self, token: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0) -> None:
+    def add_token(
+        self, token: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+    ) -> None:
         self.add_ids([self.backbone.token_id(token)], kind, segment_index, train, weight)
 
     def add_image(self, path: Path, kind: Kind, segment_index: int, start_is_target: bool = False) -> None:
@@ -117,6 +134,13 @@ class LayoutBuilder:
         self.add_token(end_token, Kind.LATENT, segment_index, train=train_end)
         self.latents.append(LatentSlot(start, len(self.ids) - 1, segment_index))
 
+    def add_embeddings(self, vectors: torch.Tensor, segment_index: int, kind: Kind = Kind.TEXT) -> None:
+        """Continuous vectors [n, D] as n positions (the pad token's id stands for them in `input_ids`)."""
+        vectors = vectors.reshape(-1, vectors.shape[-1])
+        start = len(self.ids)
+        self.add_ids([self.backbone.token_id(self.backbone.chat.pad)] * vectors.shape[0], kind, segment_index)
+        self.embeddings.append(EmbeddingSlot(start, vectors, segment_index))
+
     def build(self, sample_id: str) -> Layout:
         input_ids = torch.tensor(self.ids, dtype=torch.long)
         return Layout(
@@ -129,6 +153,7 @@ class LayoutBuilder:
             position_ids=self.backbone.position_ids(input_ids, [slot.image.grid_thw for slot in self.images]),
             images=list(self.images),
             latents=list(self.latents),
+            embeddings=list(self.embeddings),
         )
 
 
@@ -148,7 +173,9 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         moved = {
-            f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name)
+            f.name: getattr(self, f.name).to(device)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
             for f in fields(self)
         }
         return Batch(**moved)
@@ -191,8 +218,15 @@ def collate(layouts: list[Layout], pad_id: int) -> Batch:
 
 
 def inputs_embeds(backbone: Backbone, batch: Batch) -> torch.Tensor:
-    """Token embeddings with every image's vision-tower output written into its placeholder positions."""
+    """Token embeddings with every image's vision-tower output, and every embedding slot's vectors, written
+    into their placeholder positions."""
     embeds = backbone.embed(batch.input_ids)
+    if any(layout.embeddings for layout in batch.layouts):
+        embeds = embeds.clone()
+        for row, layout in enumerate(batch.layouts):
+            for slot in layout.embeddings:
+                end = slot.start + slot.vectors.shape[0]
+                embeds[row, slot.start : end] = slot.vectors.to(embeds)
     if batch.pixel_values is None:
         return embeds
     image_positions = torch.zeros_like(batch.valid)

@@ -20,7 +20,7 @@ from latentkit.errors import RegistryError
 
 if TYPE_CHECKING:
     from latentkit.backbone import Backbone
-    from latentkit.eval.generate import StepFunction
+    from latentkit.decoding import DecodingPolicy, SamplingParams, Trajectory
     from latentkit.layout import Batch, Layout, LayoutBuilder
     from latentkit.masks import MaskSpec
     from latentkit.segments import Sample
@@ -63,7 +63,9 @@ class Method(ABC):
 
     def __init__(self, config: BaseModel):
         self.config = config
-        self.modules = nn.ModuleDict()  # modules the method owns (projectors, VAE, ...): trained and saved with it
+        self.modules = (
+            nn.ModuleDict()
+        )  # modules the method owns (projectors, VAE, ...): trained and saved with it
 
     def setup(self, backbone: Backbone) -> None:
         """Add tokens and build owned modules; called once, before any layout."""
@@ -91,17 +93,36 @@ class Method(ABC):
     def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput: ...
 
     def prompt(self, sample: Sample) -> LayoutBuilder:
-        """What generation continues: the system and user turns, then the assistant header."""
+        """What generation continues: the system and user turns, then the assistant header; the vectors of
+        `prompt_embeddings` sit right after the question's images (or open the user turn when it has none)."""
         from latentkit.chat import ResponseWeights, drop_aux_image, render_chat
         from latentkit.layout import LayoutBuilder
 
         builder = LayoutBuilder(self.backbone)
-        render_chat(builder, sample, drop_aux_image, ResponseWeights(), prompt_only=True)
+        vectors = self.prompt_embeddings(sample)
+        insert = None if vectors is None else lambda b, index: b.add_embeddings(vectors, index)
+        render_chat(builder, sample, drop_aux_image, ResponseWeights(), prompt_only=True, after_images=insert)
         return builder
 
-    def step_function(self) -> StepFunction | None:
-        """Hook for latent decoding: a method returns its decoding state machine; None = plain tokens."""
+    def prompt_embeddings(self, sample: Sample) -> torch.Tensor | None:
+        """Hook: vectors [n, D] placed into the generation prompt (e.g. a sampled strategy prefix); None: none."""
         return None
+
+    def decoding_policy(self) -> DecodingPolicy:
+        """Hook: how this method decodes (`latentkit.decoding`); the default feeds every sampled token."""
+        from latentkit.decoding import DecodingPolicy
+
+        return DecodingPolicy()
+
+    def log_probs(
+        self, backbone: Backbone, trajectories: list[Trajectory], params: SamplingParams
+    ) -> list[torch.Tensor]:
+        """Hook for RL: per trajectory [n], the log-probability of every action under the current weights, with
+        gradient. The default scores sampled tokens (0 elsewhere); a method whose policy samples continuous
+        actions adds their densities."""
+        from latentkit.decoding import token_log_probs
+
+        return token_log_probs(backbone, trajectories, params)
 
 
 @dataclass(frozen=True)
@@ -134,10 +155,16 @@ def _add(name: str, cls: Any, source: str) -> None:
         raise RegistryError(f"method {name!r} from {source} is not a latentkit.registry.Method subclass")
     existing = _registered.get(name)
     if existing is not None and existing[0] is not cls:
-        raise RegistryError(f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one")
-    other_names = [other for other, (registered, _) in _registered.items() if registered is cls and other != name]
+        raise RegistryError(
+            f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one"
+        )
+    other_names = [
+        other for other, (registered, _) in _registered.items() if registered is cls and other != name
+    ]
     if other_names:
-        raise RegistryError(f"{source} is already registered as {other_names[0]!r}; one class has one method name")
+        raise RegistryError(
+            f"{source} is already registered as {other_names[0]!r}; one class has one method name"
+        )
     cls.name = name
     _registered[name] = (cls, source)
 
@@ -166,7 +193,9 @@ def _load_plugin(point: Any) -> None:
     try:
         cls = point.load()
     except Exception as exc:  # a broken plugin is the plugin's error, reported in one line
-        raise RegistryError(f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}") from exc
+        raise RegistryError(
+            f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}"
+        ) from exc
     existing = _registered.get(point.name)
     if existing is None:
         _add(point.name, cls, f"plugin {point.value}")
@@ -183,7 +212,9 @@ def get_method(name: str) -> type[Method]:
         _load_plugin(plugins[name])
     if name not in _registered:
         valid = sorted({*_registered, *plugins})
-        raise RegistryError(f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)")
+        raise RegistryError(
+            f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)"
+        )
     return _registered[name][0]
 
 
@@ -191,4 +222,6 @@ def list_methods() -> list[MethodInfo]:
     _load_builtins()
     for point in _plugin_entry_points().values():
         _load_plugin(point)
-    return [MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())]
+    return [
+        MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())
+    ]

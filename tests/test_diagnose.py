@@ -147,7 +147,7 @@ def one_line_error(err: str) -> str:
 def test_refusals_exit_2_with_one_line(runs, capsys, tmp_path):
     code, err = run_cli(capsys, "diagnose", "--run", str(runs / "s"), *DIAGNOSE)
     error = one_line_error(err)
-    assert code == 2 and "'sft'" in error and "latent method such as monet" in error
+    assert code == 2 and "'sft'" in error and "does not decode with continuous steps" in error
     cases = {
         ("--run", str(tmp_path / "missing")): "not a training run",
         ("--run", str(runs / "m"), "--k-sweep", "1,x"): "--k-sweep",

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import latentkit, metrics, train_args
 from PIL import Image
 
+from latentkit.decoding import DecodingPolicy, SamplingParams, Step, Token
 from latentkit.eval.answer import answer_samples
-from latentkit.eval.generate import DecodeState, SamplingParams, StepOutput
 from latentkit.eval.model import load_eval_model
 from latentkit.eval.runner import summary_path
 from latentkit.records import load_split
@@ -174,25 +173,23 @@ def test_compare_joins_summaries_and_flags_mismatches(run, tmp_path):
     assert missing.returncode == 2 and "nothing.json" in missing.stderr
 
 
-class AskForImageAtStep:
-    """A step function that requests an image (vision-start) at a fixed step, like a model that learned to."""
+class AskForImageAtStep(DecodingPolicy):
+    """A policy that requests an image (vision-start) at a fixed step, like a model that learned to."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def __call__(self, backbone, sampled, hidden, state: DecodeState) -> StepOutput:
-        if state.step == self.step:
-            sampled = torch.full_like(sampled, backbone.token_id(backbone.chat.vision_start))
-        return StepOutput(backbone.embed(sampled), sampled)
+    def begin(self, backbone, prompts) -> None:
+        self.vision_start = backbone.token_id(backbone.chat.vision_start)
 
-    def finish(self, generations) -> None:
-        return None
+    def decide(self, proposal, view) -> Step:
+        return Step(Token(self.vision_start if view.step == self.step else proposal.token))
 
 
 def test_dataset_aux_images_are_inserted_when_asked(run, monkeypatch):
     model = load_eval_model(run=run)
     samples = load_split(run / "data" / "synth-zoom", "test").samples[:2]
-    monkeypatch.setattr(model.method, "step_function", lambda: AskForImageAtStep(1))
+    monkeypatch.setattr(model.method, "decoding_policy", lambda: AskForImageAtStep(1))
     built = []
     original_prompt = model.method.prompt
 

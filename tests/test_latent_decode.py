@@ -1,4 +1,4 @@
-"""Latent decoding (`LatentStep` in the batched generator) against an independent reference: the model run
+"""Latent decoding (`LatentPolicy` on the decoding engine) against an independent reference: the model run
 without a cache over the prompt, the start token and each latent fed back by hand (DESIGN.md, "Latent engine";
 specs/monet.md, slot convention: the K slots read h(start), h(slot 1), ..., h(slot K-1), then the end token)."""
 
@@ -9,12 +9,12 @@ import torch
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
-from latentkit.eval.generate import SamplingParams, generate
-from latentkit.latent import Constant, DatasetMean, LatentStep, LatentTokens, Noise, Zeros
+from latentkit.decoding import SamplingParams, decode
+from latentkit.latent import Constant, DatasetMean, LatentPolicy, LatentTokens, Noise, Zeros
 from latentkit.layout import Kind, LayoutBuilder
 from latentkit.masks import causal_mask
 
-TOKENS = ("<lat>", "</lat>")
+TOKENS = ("<lat>", "</lat>", "<lat_pad>")
 # Different lengths, so the batch is left-padded.
 PROMPTS = ["What colour is it?", "Which object sits closest to the top left corner of the whole canvas?"]
 
@@ -33,6 +33,10 @@ def tokens(backbone) -> LatentTokens:
     return LatentTokens(*(backbone.token_id(token) for token in TOKENS))
 
 
+def blocks(trajectory) -> list[torch.Tensor]:
+    return trajectory.blocks(int(Kind.LATENT))
+
+
 def layouts(backbone):
     built = []
     for index, text in enumerate(PROMPTS):
@@ -41,21 +45,6 @@ def layouts(backbone):
         built.append(builder.build(f"p{index}"))
     assert len(built[0]) != len(built[1])
     return built
-
-
-class Recording:
-    """Delegates to a step function and keeps the post-norm hidden state the generator hands it at each step."""
-
-    def __init__(self, step: LatentStep):
-        self.step = step
-        self.hidden: list[torch.Tensor] = []
-
-    def __call__(self, backbone, sampled, hidden, state):
-        self.hidden.append(hidden.clone())
-        return self.step(backbone, sampled, hidden, state)
-
-    def finish(self, generations) -> None:
-        self.step.finish(generations)
 
 
 def last_hidden(backbone, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -87,52 +76,53 @@ def reference_block(backbone, layout, tokens: LatentTokens, k: int, replacement:
 
 
 def test_forced_block_opens_with_start_and_emits_only_start_and_end(backbone, tokens):
-    step = LatentStep(tokens, 3, force=True, stop_at_end=False)
-    generations = generate(backbone, layouts(backbone), SamplingParams(max_new_tokens=7), step)
-    assert len(step.rows) == 2
-    for generation, row in zip(generations, step.rows):
+    policy = LatentPolicy(tokens, 3, force=True, stop_at_end=False)
+    trajectories = decode(backbone, layouts(backbone), SamplingParams(max_new_tokens=7), policy)
+    for trajectory in trajectories:
         # steps: start, 3 latents (nothing emitted), end, 2 text tokens
-        assert generation.token_ids[:2] == [tokens.start, tokens.end] and len(generation.token_ids) == 4
-        assert row.forced and row.triggered
-        assert row.blocks[0].shape == (3, backbone.hidden_size)
-        assert generation.extras == {"latent_blocks": len(row.blocks), "latent_steps": 3 * len(row.blocks)}
+        assert trajectory.token_ids[:2] == [tokens.start, tokens.end] and len(trajectory.token_ids) == 4
+        assert trajectory.input_ids[:5] == [tokens.start, *[tokens.slot] * 3, tokens.end]
+        assert trajectory.kinds[:5] == [int(Kind.LATENT)] * 5 and trajectory.kinds[5] == int(Kind.TEXT)
+        assert [block.shape for block in blocks(trajectory)] == [(3, backbone.hidden_size)]
+        assert trajectory.is_action[:5] == [False] * 5 and all(trajectory.is_action[5:])  # forced, latents
+        assert trajectory.extras == {"latent_blocks": 1, "latent_steps": 3, "latent_forced": True}
 
 
 def test_latents_and_continuation_equal_a_forward_without_cache(backbone, tokens):
     k = 3
-    step = Recording(LatentStep(tokens, k, force=True, stop_at_end=False))
+    policy = LatentPolicy(tokens, k, force=True, stop_at_end=False)
     prompts = layouts(backbone)
-    generations = generate(backbone, prompts, SamplingParams(max_new_tokens=k + 4), step)
-    for row, (layout, generation) in enumerate(zip(prompts, generations)):
+    trajectories = decode(backbone, prompts, SamplingParams(max_new_tokens=k + 4), policy, record_hidden=True)
+    for layout, trajectory in zip(prompts, trajectories):
         latents, inputs, hidden = reference_block(backbone, layout, tokens, k)
-        torch.testing.assert_close(step.step.rows[row].blocks[0], latents, atol=1e-5, rtol=1e-4)
-        # generator step 1 + j hands over h(start) (j = 0) or h(slot j); step k + 2 hands over h(end)
-        seen = torch.stack([step.hidden[s][row] for s in range(1, k + 3)])
+        torch.testing.assert_close(blocks(trajectory)[0], latents, atol=1e-5, rtol=1e-4)
+        # decision 1 + j sees h(start) (j = 0) or h(slot j); decision k + 2 sees h(end)
+        seen = torch.stack(trajectory.decision_hidden[1 : k + 3])
         torch.testing.assert_close(seen, torch.stack(hidden), atol=1e-5, rtol=1e-4)
         # the text after the block continues from the end token's embedding: greedy from h(end), then on
         first_text = int(backbone.logits(hidden[-1]).argmax())
-        assert generation.token_ids[2] == first_text
+        assert trajectory.token_ids[2] == first_text
         inputs.append(backbone.embed(torch.tensor(first_text)).detach())
-        torch.testing.assert_close(
-            step.hidden[k + 3][row], last_hidden(backbone, inputs), atol=1e-5, rtol=1e-4
-        )
-        assert generation.token_ids[3] == int(backbone.logits(step.hidden[k + 3][row]).argmax())
+        after = trajectory.decision_hidden[k + 3]
+        torch.testing.assert_close(after, last_hidden(backbone, inputs), atol=1e-5, rtol=1e-4)
+        assert trajectory.token_ids[3] == int(backbone.logits(after).argmax())
 
 
 def test_zeros_intervention_is_recorded_and_read(backbone, tokens):
     k = 2
-    step = Recording(LatentStep(tokens, k, force=True, stop_at_end=False, intervention=Zeros()))
+    policy = LatentPolicy(tokens, k, force=True, stop_at_end=False, intervention=Zeros())
     prompts = layouts(backbone)
-    generate(backbone, prompts, SamplingParams(max_new_tokens=k + 3), step)
+    trajectories = decode(backbone, prompts, SamplingParams(max_new_tokens=k + 3), policy, record_hidden=True)
     zeros = torch.zeros(backbone.hidden_size)
-    for row, layout in enumerate(prompts):
-        assert torch.equal(step.step.rows[row].blocks[0], torch.zeros(k, backbone.hidden_size))
+    for layout, trajectory in zip(prompts, trajectories):
+        assert torch.equal(blocks(trajectory)[0], torch.zeros(k, backbone.hidden_size))
         _, _, hidden = reference_block(backbone, layout, tokens, k, replacement=zeros)
-        seen = torch.stack([step.hidden[s][row] for s in range(1, k + 3)])
+        seen = torch.stack(trajectory.decision_hidden[1 : k + 3])
         torch.testing.assert_close(seen, torch.stack(hidden), atol=1e-5, rtol=1e-4)
-    generated = LatentStep(tokens, k, force=True, stop_at_end=False)
-    generate(backbone, prompts, SamplingParams(max_new_tokens=k + 3), generated)
-    assert not torch.equal(generated.rows[0].blocks[0][1], zeros)  # the test is not vacuous
+    generated = decode(
+        backbone, prompts, SamplingParams(max_new_tokens=k + 3), policy.varied(intervention=None)
+    )
+    assert not torch.equal(blocks(generated[0])[0][1], zeros)  # the test is not vacuous
 
 
 def always(token: int, vocabulary: int):
@@ -147,37 +137,40 @@ def always(token: int, vocabulary: int):
 def test_stop_at_end_ends_a_block_after_one_latent(backbone, tokens, monkeypatch):
     monkeypatch.setattr(backbone, "logits", always(tokens.end, backbone.lm_head.out_features))
     prompt = layouts(backbone)[:1]
-    early = LatentStep(tokens, 4, force=True, stop_at_end=True)
-    generation = generate(backbone, prompt, SamplingParams(max_new_tokens=6), early)[0]
+    early = LatentPolicy(tokens, 4, force=True, stop_at_end=True)
+    trajectory = decode(backbone, prompt, SamplingParams(max_new_tokens=6), early)[0]
     # start (forced), one latent, the sampled end closes the block; later end tokens are plain text
-    assert [block.shape[0] for block in early.rows[0].blocks] == [1]
-    assert generation.token_ids == [tokens.start, tokens.end, tokens.end, tokens.end, tokens.end]
-    full = LatentStep(tokens, 4, force=True, stop_at_end=False)
-    generate(backbone, prompt, SamplingParams(max_new_tokens=6), full)
-    assert [block.shape[0] for block in full.rows[0].blocks] == [4]
+    assert [block.shape[0] for block in blocks(trajectory)] == [1]
+    assert trajectory.token_ids == [tokens.start, tokens.end, tokens.end, tokens.end, tokens.end]
+    assert trajectory.is_action[2]  # the end token was sampled, not forced
+    full = decode(backbone, prompt, SamplingParams(max_new_tokens=6), early.varied(), record_hidden=False)[0]
+    assert [block.shape[0] for block in blocks(full)] == [1]
+    never = LatentPolicy(tokens, 4, force=True, stop_at_end=False)
+    assert [
+        b.shape[0] for b in blocks(decode(backbone, prompt, SamplingParams(max_new_tokens=6), never)[0])
+    ] == [4]
 
 
 def test_a_sampled_start_token_opens_a_block(backbone, tokens, monkeypatch):
     monkeypatch.setattr(backbone, "logits", always(tokens.start, backbone.lm_head.out_features))
-    step = LatentStep(tokens, 2)
-    generation = generate(backbone, layouts(backbone)[:1], SamplingParams(max_new_tokens=8), step)[0]
-    assert generation.token_ids == [tokens.start, tokens.end, tokens.start, tokens.end]
-    assert not step.rows[0].forced
-    assert [block.shape[0] for block in step.rows[0].blocks] == [2, 2]
-    assert generation.extras == {"latent_blocks": 2, "latent_steps": 4}
+    policy = LatentPolicy(tokens, 2)
+    trajectory = decode(backbone, layouts(backbone)[:1], SamplingParams(max_new_tokens=8), policy)[0]
+    assert trajectory.token_ids == [tokens.start, tokens.end, tokens.start, tokens.end]
+    assert [block.shape[0] for block in blocks(trajectory)] == [2, 2]
+    assert trajectory.extras == {"latent_blocks": 2, "latent_steps": 4, "latent_forced": False}
 
 
 def test_a_block_cut_by_the_token_budget_is_kept(backbone, tokens):
-    step = LatentStep(tokens, 3, force=True)
-    generation = generate(backbone, layouts(backbone)[:1], SamplingParams(max_new_tokens=3), step)[0]
-    assert generation.token_ids == [tokens.start]
-    assert [block.shape[0] for block in step.rows[0].blocks] == [2]
-    assert generation.extras == {"latent_blocks": 1, "latent_steps": 2}
+    policy = LatentPolicy(tokens, 3, force=True)
+    trajectory = decode(backbone, layouts(backbone)[:1], SamplingParams(max_new_tokens=3), policy)[0]
+    assert trajectory.token_ids == [tokens.start]
+    assert [block.shape[0] for block in blocks(trajectory)] == [2]
+    assert trajectory.extras["latent_blocks"] == 1 and trajectory.extras["latent_steps"] == 2
 
 
 def test_k_must_be_positive(tokens):
     with pytest.raises(ValueError, match="at least 1"):
-        LatentStep(tokens, 0)
+        LatentPolicy(tokens, 0)
 
 
 def test_interventions_replace_by_rule():

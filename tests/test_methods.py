@@ -14,7 +14,7 @@ from latentkit.backbone import PRESETS, build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
 from latentkit.eval.answer import answer_samples
-from latentkit.eval.generate import SamplingParams
+from latentkit.decoding import SamplingParams
 from latentkit.layout import Kind, collate
 from latentkit.optim import freeze_and_group
 from latentkit.records import load_split

@@ -7,6 +7,7 @@ post-norm hidden states returned here. Logits are computed only where a caller a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -147,21 +148,27 @@ class Backbone:
         mask: MaskSpec,
         cache: object | None = None,
         output_hidden_states: bool = False,
+        extras: Mapping[str, torch.Tensor] | None = None,
     ) -> BackboneOutput:
-        """Run the decoder on embeddings [B, Nq, D]; with a cache, the queries are the last Nq of Nk positions."""
+        """Run the decoder on embeddings [B, Nq, D]; with a cache, the queries are the last Nq of Nk positions.
+
+        `extras`: per-token tensors [B, Nq] passed as keyword arguments to every decoder layer (HF layers take
+        and ignore unknown keywords), read by a method's layer wrapper (e.g. expert routing), no global state.
+        """
         prepared = prepare_mask(mask, inputs_embeds.shape[1], self.attn_backend, inputs_embeds.device)
         out = self.decoder()(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask={"full_attention": prepared, "sliding_attention": prepared},
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
             output_hidden_states=output_hidden_states,
+            **(extras or {}),
         )
         hidden_states = None
         if output_hidden_states:
             hidden_states = (*out.hidden_states[:-1], out.last_hidden_state)
-        return BackboneOutput(out.last_hidden_state, hidden_states, out.past_key_values)
+        return BackboneOutput(out.last_hidden_state, hidden_states, out.cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

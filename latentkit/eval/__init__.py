@@ -2,7 +2,7 @@
 `latentkit eval` (per-sample JSONL + summary) and `latentkit compare` (tables and a chart).
 
 Reports name the scorer used: the papers' numbers came from an LLM judge, and exact rules read lower.
-Import submodules directly (`latentkit.eval.generate`, `.runner`, `.compare`); this package stays light.
+Import submodules directly (`latentkit.eval.runner`, `.compare`, `.diagnose`); this package stays light.
 """
 
 from latentkit.eval.scorers import (

@@ -9,11 +9,11 @@ there the request is answered by closing the image and going on without one.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from latentkit.backbone import Backbone
-from latentkit.eval.generate import Generation, SamplingParams, StepFunction, generate
+from latentkit.decoding import DecodingPolicy, SamplingParams, Trajectory, decode
 from latentkit.layout import Kind, LayoutBuilder
 from latentkit.registry import Method
 from latentkit.segments import Sample
@@ -31,6 +31,7 @@ class Answer:
     finish_reason: str
     aux_images_used: int
     extras: dict[str, object]
+    trajectories: list[Trajectory] = field(default_factory=list)  # one per generation round, in order
 
 
 @dataclass
@@ -40,6 +41,7 @@ class _Pending:
     pieces: list[str]
     aux_used: int = 0
     tokens: int = 0
+    rounds: list[Trajectory] = field(default_factory=list)
 
 
 def answer_samples(
@@ -49,16 +51,16 @@ def answer_samples(
     batch_size: int,
     aux_images: AuxImages = "none",
     on_batch: Callable[[list[Answer]], None] | None = None,
-    step_function: StepFunction | None = None,
+    policy: DecodingPolicy | None = None,
 ) -> list[Answer]:
     """Answers in `samples` order, generated `batch_size` prompts at a time; `on_batch` sees each batch's.
 
-    `step_function` replaces the method's own decoding (e.g. a latent step with an intervention, for diagnostics).
+    `policy` replaces the method's own decoding policy (e.g. latents with an intervention, for diagnostics).
     """
     answers: list[Answer] = []
     for start in range(0, len(samples), batch_size):
         batch_samples = list(samples[start : start + batch_size])
-        batch = _answer_batch(method, batch_samples, params, aux_images, step_function)
+        batch = _answer_batch(method, batch_samples, params, aux_images, policy)
         if on_batch is not None:
             on_batch(batch)
         answers.extend(batch)
@@ -70,7 +72,7 @@ def _answer_batch(
     samples: list[Sample],
     params: SamplingParams,
     aux_images: AuxImages,
-    step_function: StepFunction | None,
+    policy: DecodingPolicy | None,
 ) -> list[Answer]:
     backbone = method.backbone
     use_tool = aux_images == "dataset" and backbone.supports_images
@@ -89,10 +91,11 @@ def _answer_batch(
             seed=params.seed + round_index,
         )
         layouts = [pending[row].builder.build(pending[row].sample.sample_id) for row in active]
-        generations = generate(backbone, layouts, step_params, step_function or method.step_function())
+        generations = decode(backbone, layouts, step_params, policy or method.decoding_policy())
         still_active = []
         for row, generation in zip(active, generations):
             item = pending[row]
+            item.rounds.append(generation)
             item.tokens += generation.steps  # latent steps use the budget too, though they emit no token
             has_budget = item.tokens < params.max_new_tokens
             asks_for_image = generation.finish_reason == "stop" and generation.token_ids[-1:] == [tool_token]
@@ -100,24 +103,40 @@ def _answer_batch(
                 _append_aux_image(backbone, item, generation)
                 still_active.append(row)
             elif generation.finish_reason == "length" and has_budget:
-                item.builder.add_ids(generation.token_ids, Kind.TEXT, len(item.sample.segments))
+                generation.extend(item.builder, len(item.sample.segments))
                 item.pieces.append(generation.text)
                 still_active.append(row)
             else:
                 item.pieces.append(generation.text)
                 text = "".join(item.pieces)
                 answers[row] = Answer(
-                    item.sample, text, generation.finish_reason, item.aux_used, generation.extras
+                    item.sample,
+                    text,
+                    generation.finish_reason,
+                    item.aux_used,
+                    _merged_extras(item.rounds),
+                    item.rounds,
                 )
         active = still_active
         round_index += 1
     return [answer for answer in answers if answer is not None]
 
 
-def _append_aux_image(backbone: Backbone, item: _Pending, generation: Generation) -> None:
-    """Continue after the request: the text so far, then the sample's next auxiliary image (or none left)."""
+def _merged_extras(rounds: list[Trajectory]) -> dict[str, object]:
+    """The policy's extras over every round: numbers summed, other values from the last round."""
+    merged: dict[str, object] = {}
+    for trajectory in rounds:
+        for key, value in trajectory.extras.items():
+            previous = merged.get(key)
+            summable = isinstance(value, int | float) and not isinstance(value, bool)
+            merged[key] = previous + value if summable and isinstance(previous, int | float) else value
+    return merged
+
+
+def _append_aux_image(backbone: Backbone, item: _Pending, generation: Trajectory) -> None:
+    """Continue after the request: the trace so far, then the sample's next auxiliary image (or none left)."""
     segment_index = len(item.sample.segments)
-    item.builder.add_ids(generation.token_ids[:-1], Kind.TEXT, segment_index)
+    generation.extend(item.builder, segment_index, len(generation) - 1)
     item.pieces.append(generation.text)
     aux = item.sample.aux_images
     if item.aux_used < len(aux):

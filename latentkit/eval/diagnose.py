@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
+from latentkit.decoding import SamplingParams
 from latentkit.errors import ConfigError
 from latentkit.eval.answer import answer_samples
 from latentkit.eval.benchmarks import get_benchmark
-from latentkit.eval.generate import SamplingParams
 from latentkit.eval.model import EvalModel
 from latentkit.eval.runner import load_eval_set, score_answer
 from latentkit.eval.scorers import Scorer, get_scorer
-from latentkit.latent import Constant, DatasetMean, Intervention, LatentStep, Noise, Zeros
+from latentkit.latent import Constant, ContinuousPolicy, DatasetMean, Intervention, Noise, Zeros
 from latentkit.records import write_json
 from latentkit.registry import Method
 from latentkit.segments import Sample
@@ -74,13 +74,14 @@ def parse_k_sweep(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def latent_step(method: Method) -> LatentStep:
-    step = method.step_function()
-    if not isinstance(step, LatentStep):
+def continuous_policy(method: Method) -> ContinuousPolicy:
+    policy = method.decoding_policy()
+    if not isinstance(policy, ContinuousPolicy):
         raise ConfigError(
-            f"method {method.name!r} does not decode with latents; diagnose needs a latent method such as monet"
+            f"method {method.name!r} does not decode with continuous steps; diagnose needs a method whose "
+            "decoding policy emits them (a latentkit.latent.ContinuousPolicy), such as monet"
         )
-    return step
+    return policy
 
 
 # --- measures -----------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class _Runner:
         scorer: Scorer,
         params: SamplingParams,
         batch_size: int,
-        base: LatentStep,
+        base: ContinuousPolicy,
         log: Callable[[str], None],
     ):
         self.method, self.samples, self.scorer, self.params = method, samples, scorer, params
@@ -194,14 +195,13 @@ class _Runner:
             self.log(f"{name:<14} K={k:<3} force={str(force).lower():<5} same decoding as {run.name}")
             return ConditionRun(name, run.extracted, run.correct, run.block_lengths), latents
         began = time.perf_counter()
-        step = LatentStep(
-            self.base.tokens, k, force=force, stop_at_end=self.base.stop_at_end, intervention=intervention
-        )
-        answers = answer_samples(self.method, self.samples, self.params, self.batch_size, step_function=step)
-        # Without auxiliary images every answer is one generated row, so `step.rows` is in answer order.
-        if len(step.rows) != len(answers):
-            raise RuntimeError(f"diagnose: {len(step.rows)} decoded rows for {len(answers)} answers")
-        latents: Latents = [row.blocks for row in step.rows]
+        policy = self.base.varied(k=k, force=force, intervention=intervention)
+        answers = answer_samples(self.method, self.samples, self.params, self.batch_size, policy=policy)
+        kind = self.base.kind
+        latents: Latents = [
+            [block.float().cpu() for t in answer.trajectories for block in t.blocks(kind)]
+            for answer in answers
+        ]
         scores = [score_answer(answer, self.scorer) for answer in answers]
         lengths = [[int(block.shape[0]) for block in blocks] for blocks in latents]
         run = ConditionRun(name, [s.extracted for s in scores], [s.correct for s in scores], lengths)
@@ -231,7 +231,7 @@ def diagnose(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run every condition, write the JSON, Markdown and PNG reports; return the report and their paths."""
-    base = latent_step(model.method)
+    base = continuous_policy(model.method)
     benchmark = get_benchmark(options.benchmark)
     out_dir = Path(out_dir) if out_dir is not None else default_output_dir(model)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,7 +270,7 @@ def diagnose(
         "decoding": {
             "k": base.k,
             "force": base.force,
-            "stop_at_end": base.stop_at_end,
+            "policy": type(base).__name__,
             "greedy": True,
             "max_new_tokens": params.max_new_tokens,
             "batch_size": options.batch_size,

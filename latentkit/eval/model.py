@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from latentkit.backbone import Backbone, build_backbone
 from latentkit.checkpoint import METHOD_FILE, METHOD_MODULES_FILE, model_fingerprint
-from latentkit.config import LatentkitConfig, build_config, read_yaml
+from latentkit.config import LatentkitConfig, apply_override, build_config, parse_override, read_yaml
 from latentkit.errors import CheckpointError, ConfigError
 from latentkit.registry import Method, get_method
 
@@ -64,8 +65,12 @@ def resolve_model_dir(run: Path | None, checkpoint: Path | None) -> tuple[Path, 
     return model_dir, run_dir
 
 
-def load_eval_model(run: Path | None = None, checkpoint: Path | None = None) -> EvalModel:
-    """Backbone with the trained weights, the method (config from the run) with its own modules."""
+def load_eval_model(
+    run: Path | None = None, checkpoint: Path | None = None, method_overrides: Sequence[str] = ()
+) -> EvalModel:
+    """Backbone with the trained weights, the method (config from the run) with its own modules.
+
+    `method_overrides` (`method.key=value`) change decoding-time knobs of the method, e.g. its test-time K."""
     model_dir, run_dir = resolve_model_dir(run, checkpoint)
     saved = json.loads((model_dir / METHOD_FILE).read_text()) if (model_dir / METHOD_FILE).is_file() else {}
     raw = read_yaml(run_dir / "config.yaml") if run_dir is not None else {}
@@ -76,7 +81,15 @@ def load_eval_model(run: Path | None = None, checkpoint: Path | None = None) -> 
             f"{model_dir} holds a {method_name!r} model but {run_dir}/config.yaml is for "
             f"{raw['run']['method']!r}: pass the model's own run directory"
         )
-    config = build_config(method_cls.Config, raw, str(run_dir / "config.yaml") if run_dir else "the defaults")
+    for text in method_overrides:
+        keys, value = parse_override(text)
+        if keys[0] != "method" or len(keys) < 2:
+            raise ConfigError(
+                f"override {text!r} must set a method option (method.key=value), e.g. method.decode_force=true"
+            )
+        apply_override(raw, keys, value)
+    where = str(run_dir / "config.yaml") if run_dir else "the defaults"
+    config = build_config(method_cls.Config, raw, where + (" + overrides" if method_overrides else ""))
     # The saved weights have LoRA merged in and every token the method added.
     no_lora = config.model.lora.model_copy(update={"enabled": False})
     section = config.model.model_copy(update={"path": model_dir, "preset": None, "lora": no_lora})

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from latentkit.config import LatentkitConfig
+from latentkit.decoding import SamplingParams
 from latentkit.eval.answer import answer_samples
 from latentkit.eval.benchmarks import get_benchmark
-from latentkit.eval.generate import SamplingParams
 from latentkit.eval.runner import load_eval_set, score_answer
 from latentkit.eval.scorers import get_scorer
 from latentkit.registry import Method

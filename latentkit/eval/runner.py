@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from latentkit.config import LatentkitConfig
+from latentkit.decoding import SamplingParams
 from latentkit.errors import ConfigError, DataError
 from latentkit.eval.answer import IMAGE_PLACEHOLDER, Answer, AuxImages, answer_samples
 from latentkit.eval.benchmarks import Benchmark, EvalSet, chance_from_choices, get_benchmark
-from latentkit.eval.generate import SamplingParams
 from latentkit.eval.model import EvalModel
 from latentkit.eval.scorers import Scorer, ScoreResult, get_scorer
 from latentkit.records import write_json

@@ -1,6 +1,7 @@
-"""Latent decoding: the per-sequence state machine of DESIGN.md ("Latent engine") as a `StepFunction` of the
-evaluation generator. Text -> on a sampled start token, K latent steps (the post-norm last hidden state fed
-back as the next input) -> the end token -> text.
+"""Latent decoding: the per-row state machine of DESIGN.md ("Latent engine") as a policy of the decoding
+engine. Text -> on a sampled start token, K latent steps (the post-norm last hidden state fed back as the next
+input) -> the end token -> text. The latents live in each row's trajectory (continuous positions of kind
+`Kind.LATENT`), so a rollout replays exactly.
 
 Slot convention (specs/monet.md, **Decision**): the start token keeps its embedding; the K slots after it
 read h(start), h(slot 1), ..., h(slot K-1); then the end token, as in training.
@@ -8,19 +9,21 @@ read h(start), h(slot 1), ..., h(slot K-1); then the end token, as in training.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from latentkit.backbone import Backbone
-from latentkit.eval.generate import DecodeState, Generation, StepOutput
+from latentkit.decoding import DecodingPolicy, Embeddings, Proposal, RowView, Step, Token, Trajectory
+from latentkit.layout import Kind, Layout
 
 
 @dataclass(frozen=True)
 class LatentTokens:
     start: int
     end: int
+    slot: int  # the placeholder id recorded at latent positions (the training layout's slot token)
 
 
 class Intervention(Protocol):
@@ -76,83 +79,87 @@ class DatasetMean:
         return self.means[min(step, self.means.shape[0] - 1)].to(latent)
 
 
+@runtime_checkable
+class ContinuousPolicy(Protocol):
+    """A policy that emits continuous steps and can be varied for diagnostics: test-time K, forcing, and an
+    intervention on every continuous input. `latentkit diagnose` works on any method whose policy is one."""
+
+    k: int
+    force: bool
+    kind: int  # the segment kind of its continuous positions
+
+    def varied(
+        self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
+    ) -> ContinuousPolicy: ...
+
+
 @dataclass
-class RowLatents:
-    """What one generated sequence did in latent mode."""
+class LatentPolicy(DecodingPolicy):
+    """Knobs: `k` latent steps per block, `force` (the first generated token is the start token, so every
+    answer uses latents), `stop_at_end` (a block ends early when the model samples the end token), and an
+    `intervention` replacing each latent before the model reads it."""
 
-    blocks: list[torch.Tensor] = field(default_factory=list)  # one [k, D] tensor per latent block (as fed)
-    forced: bool = False
+    tokens: LatentTokens
+    k: int
+    force: bool = False
+    stop_at_end: bool = True
+    intervention: Intervention | None = None
+    kind: int = int(Kind.LATENT)
+    forced_rows: list[bool] = field(default_factory=list, init=False, repr=False)
 
-    @property
-    def triggered(self) -> bool:
-        return bool(self.blocks)
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"latent steps per block must be at least 1, got k={self.k}")
+
+    def varied(
+        self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
+    ) -> LatentPolicy:
+        return replace(
+            self,
+            k=self.k if k is None else k,
+            force=self.force if force is None else force,
+            intervention=intervention,
+        )
+
+    def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
+        self.forced_rows = [False] * len(prompts)
+
+    def decide(self, proposal: Proposal, view: RowView) -> Step:
+        trajectory, start = view.trajectory, self.tokens.start
+        open_block = _open_block(trajectory, self.tokens, self.kind)
+        if open_block is None:
+            if self.force and view.step == 0 and proposal.token != start:
+                self.forced_rows[view.row] = True
+                return Step(Token(start, forced=True, kind=self.kind))
+            kind = self.kind if proposal.token == start else int(Kind.TEXT)
+            return Step(Token(proposal.token, kind=kind))
+        ends_early = self.stop_at_end and open_block > 0 and proposal.token == self.tokens.end
+        if open_block == self.k or ends_early:
+            return Step(Token(self.tokens.end, forced=not ends_early, kind=self.kind))
+        latent = proposal.hidden
+        if self.intervention is not None:
+            latent = self.intervention(latent, open_block)
+        return Step(Embeddings(latent[None], self.kind, self.tokens.slot))
+
+    def end(self, trajectories: list[Trajectory]) -> None:
+        for row, trajectory in enumerate(trajectories):
+            blocks = trajectory.blocks(self.kind)
+            trajectory.extras["latent_blocks"] = len(blocks)
+            trajectory.extras["latent_steps"] = sum(int(block.shape[0]) for block in blocks)
+            trajectory.extras["latent_forced"] = self.forced_rows[row]
 
 
-class LatentStep:
-    """`StepFunction` for latent decoding. Knobs: `k` latent steps per block, `force` (the first generated token
-    is the start token, so every answer uses latents), `stop_at_end` (a block ends early when the model samples
-    the end token), and an `intervention` replacing each latent. Every finished row is kept in `rows`.
-    """
-
-    def __init__(
-        self,
-        tokens: LatentTokens,
-        k: int,
-        force: bool = False,
-        stop_at_end: bool = True,
-        intervention: Intervention | None = None,
-    ):
-        if k < 1:
-            raise ValueError(f"latent steps per block must be at least 1, got k={k}")
-        self.tokens, self.k, self.force = tokens, k, force
-        self.stop_at_end, self.intervention = stop_at_end, intervention
-        self.rows: list[RowLatents] = []
-        self._live: list[RowLatents] = []
-        self._block: list[list[torch.Tensor] | None] = []  # latents of the open block, None in text mode
-
-    def __call__(
-        self, backbone: Backbone, sampled: torch.Tensor, hidden: torch.Tensor, state: DecodeState
-    ) -> StepOutput:
-        if state.step == 0:
-            self._live = [RowLatents() for _ in range(sampled.shape[0])]
-            self._block = [None] * sampled.shape[0]
-        sampled = sampled.clone()
-        latent_rows: dict[int, torch.Tensor] = {}
-        for row in range(sampled.shape[0]):
-            if bool(state.finished[row]):
-                continue
-            block = self._block[row]
-            if block is None:
-                if self.force and state.step == 0 and int(sampled[row]) != self.tokens.start:
-                    sampled[row] = self.tokens.start
-                    self._live[row].forced = True
-                if int(sampled[row]) == self.tokens.start:
-                    self._block[row] = []
-                continue
-            ends_early = self.stop_at_end and block and int(sampled[row]) == self.tokens.end
-            if len(block) == self.k or ends_early:
-                sampled[row] = self.tokens.end
-                self._live[row].blocks.append(torch.stack(block).float().cpu())
-                self._block[row] = None
-                continue
-            latent = hidden[row] if self.intervention is None else self.intervention(hidden[row], len(block))
-            block.append(latent)
-            latent_rows[row] = latent
-        next_embeds = backbone.embed(sampled)
-        emitted = sampled
-        if latent_rows:
-            rows = torch.tensor(list(latent_rows), device=sampled.device)
-            next_embeds = next_embeds.index_copy(
-                0, rows, torch.stack(list(latent_rows.values())).to(next_embeds.dtype)
-            )
-            emitted = sampled.index_fill(0, rows, -1)
-        return StepOutput(next_embeds, emitted)
-
-    def finish(self, generations: list[Generation]) -> None:
-        for row, generation in enumerate(generations):
-            record, open_block = self._live[row], self._block[row]
-            if open_block:  # cut off by the token budget inside a block
-                record.blocks.append(torch.stack(open_block).float().cpu())
-            generation.extras["latent_blocks"] = len(record.blocks)
-            generation.extras["latent_steps"] = sum(int(block.shape[0]) for block in record.blocks)
-            self.rows.append(record)
+def _open_block(trajectory: Trajectory, tokens: LatentTokens, kind: int) -> int | None:
+    """Latents fed so far in the row's open block, or None in text mode."""
+    count = 0
+    for index in range(len(trajectory) - 1, -1, -1):
+        if trajectory.kinds[index] != kind:
+            return None
+        token = trajectory.input_ids[index]
+        if index in trajectory.vectors:
+            count += 1
+        elif token == tokens.start:
+            return count
+        else:
+            return None
+    return None

@@ -1,7 +1,7 @@
 """Monet (specs/monet.md): stage `warmup` (interleaved SFT, observation weight x2), stage `distill` (latents
 after each auxiliary image under the controlled mask, aligned to the frozen warm-up model's observation
 representations by latent-only backprop), stage `latent` (from the warm-up weights, auxiliary images replaced
-by latents aligned to the distill model's latents). Decoding: `latentkit.latent.LatentStep`.
+by latents aligned to the distill model's latents). Decoding: `latentkit.latent.LatentPolicy`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from latentkit.methods.sft.method import sft_loss
 from latentkit.backbone import Backbone
 from latentkit.checkpoint import model_fingerprint
 from latentkit.errors import CheckpointError
-from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_latents
+from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
 from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
@@ -205,12 +205,14 @@ class Monet(Method):
         return LossOutput(loss, metrics)
 
     # --- decoding -----------------------------------------------------------------------------------------
-    def step_function(self) -> LatentStep:
-        start, _, end = self.config.latent_tokens
-        tokens = LatentTokens(self.backbone.token_id(start), self.backbone.token_id(end))
+    def decoding_policy(self) -> LatentPolicy:
+        start, slot, end = (self.backbone.token_id(token) for token in self.config.latent_tokens)
         k = self.config.decode_latents or self.config.num_latents
-        return LatentStep(
-            tokens, k, force=self.config.decode_force, stop_at_end=self.config.decode_stop_at_end
+        return LatentPolicy(
+            LatentTokens(start, end, slot),
+            k,
+            force=self.config.decode_force,
+            stop_at_end=self.config.decode_stop_at_end,
         )
 
 

@@ -1,0 +1,116 @@
+"""A generated answer as a person reads it (`latentkit generate`): text, continuous segments marked with their
+length, the norm of each vector and its nearest vocabulary tokens, observations set apart, the inserted
+auxiliary images, and the extracted and gold answers when known."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from latentkit.backbone import Backbone
+from latentkit.chat import ResponseWeights
+from latentkit.decoding import Trajectory
+from latentkit.eval.answer import Answer
+from latentkit.eval.scorers import ScoreResult
+from latentkit.layout import Kind
+
+
+def nearest_tokens(backbone: Backbone, vectors: torch.Tensor, top: int) -> list[list[str]]:
+    """Per vector [n, D], the `top` vocabulary tokens whose input embeddings are closest in cosine."""
+    table = torch.nn.functional.normalize(backbone.model.get_input_embeddings().weight.float(), dim=-1)
+    query = torch.nn.functional.normalize(vectors.float().to(table.device), dim=-1)
+    ids = (query @ table.T).topk(min(top, table.shape[0]), dim=-1).indices.tolist()
+    return [[backbone.tokenizer.convert_ids_to_tokens(i) for i in row] for row in ids]
+
+
+def _kind_name(kind: int) -> str:
+    return Kind(kind).name.lower() if kind in Kind._value2member_map_ else f"kind {kind}"
+
+
+def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> list[dict[str, Any]]:
+    """The trajectory as ordered pieces: {"text": str} and {"continuous": kind, "vectors": [...]}."""
+    pieces: list[dict[str, Any]] = []
+    pending: list[int] = []
+
+    def flush() -> None:
+        if pending:
+            pieces.append({"text": backbone.tokenizer.decode(pending, skip_special_tokens=False)})
+            pending.clear()
+
+    index = 0
+    while index < len(trajectory):
+        if index not in trajectory.vectors:
+            if trajectory.emitted[index]:
+                pending.append(trajectory.input_ids[index])
+            index += 1
+            continue
+        flush()
+        kind, end = trajectory.kinds[index], index
+        while end in trajectory.vectors and trajectory.kinds[end] == kind:
+            end += 1
+        vectors = torch.stack([trajectory.vectors[i] for i in range(index, end)])
+        nearest = nearest_tokens(backbone, vectors, top)
+        rows = [{"norm": float(v.float().norm()), "nearest": n} for v, n in zip(vectors, nearest)]
+        pieces.append({"continuous": _kind_name(kind), "vectors": rows})
+        index = end
+    flush()
+    return pieces
+
+
+def render_answer(
+    backbone: Backbone, answer: Answer, score: ScoreResult | None, top: int = 3, color: bool = False
+) -> str:
+    """The whole trace as text lines."""
+    mark = (lambda text: f"\033[36m{text}\033[0m") if color else (lambda text: text)
+    lines: list[str] = []
+    for round_index, trajectory in enumerate(answer.trajectories):
+        if round_index:
+            lines.append(mark("[auxiliary image inserted]"))
+        for piece in trajectory_pieces(backbone, trajectory, top):
+            if "text" in piece:
+                lines.extend(_text_lines(piece["text"], mark))
+                continue
+            vectors = piece["vectors"]
+            lines.append(mark(f"⟦{piece['continuous']} × {len(vectors)}⟧"))
+            for step, row in enumerate(vectors, start=1):
+                nearest = " ".join(repr(token) for token in row["nearest"])
+                lines.append(mark(f"    {step:>3}  norm {row['norm']:8.3f}   nearest {nearest}"))
+            lines.append(mark(f"⟦/{piece['continuous']}⟧"))
+    steps = sum(t.steps for t in answer.trajectories)
+    lines += ["", f"finish: {answer.finish_reason} · {steps} decoding steps"]
+    if score is not None:
+        verdict = "correct" if score.correct else "wrong"
+        lines.append(f"answer: {score.extracted!r}   gold: {answer.sample.answer!r}   ({verdict})")
+    return "\n".join(lines)
+
+
+def _text_lines(text: str, mark) -> list[str]:
+    """Text with every observation on its own line, set apart by a bar."""
+    open_tag, close_tag = ResponseWeights().observation_tags
+    pattern = re.compile(f"{re.escape(open_tag)}(.*?)(?:{re.escape(close_tag)}|$)", re.DOTALL)
+    lines, last = [], 0
+    for match in pattern.finditer(text):
+        lines.extend(text[last : match.start()].splitlines() or [""])
+        lines.append(mark("  ┃ observation: ") + match.group(1).strip())
+        last = match.end()
+    lines.extend(text[last:].splitlines())
+    return [line for line in lines if line.strip()]
+
+
+def answer_json(
+    backbone: Backbone, answer: Answer, score: ScoreResult | None, top: int = 3
+) -> dict[str, Any]:
+    """Everything `render_answer` shows, plus every trajectory in full."""
+    return {
+        "sample_id": answer.sample.sample_id,
+        "text": answer.text,
+        "finish_reason": answer.finish_reason,
+        "aux_images_used": answer.aux_images_used,
+        "extracted": score.extracted if score else None,
+        "gold": answer.sample.answer,
+        "correct": score.correct if score else None,
+        "pieces": [trajectory_pieces(backbone, t, top) for t in answer.trajectories],
+        "trajectories": [t.to_json() for t in answer.trajectories],
+    }
