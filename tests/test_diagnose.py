@@ -13,8 +13,11 @@ from helpers import latentkit, train_args
 from latentkit.cli.app import main
 from PIL import Image
 
+from latentkit.decoding import DecodingPolicy, Embeddings, Step, Token
 from latentkit.eval.diagnose import DiagnoseOptions, cross_input_cosine, diagnose
 from latentkit.eval.model import load_eval_model
+from latentkit.latent import ContinuousPolicy
+from latentkit.layout import Kind
 
 COMMON = ["--benchmark", "synth-zoom", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "3"]
 DIAGNOSE = [*COMMON, "--k-sweep", "1,2"]
@@ -194,3 +197,37 @@ def test_cross_input_cosine_by_hand():
     expected, count = brute_force_cosine(random)
     cosine, pairs = cross_input_cosine(random)
     assert pairs == count and cosine == pytest.approx(expected)
+
+
+class PrefixThoughts(DecodingPolicy):
+    """Not Monet's policy: at the first step it feeds `k` copies of the hidden state as one continuous block
+    (no start or end token), then plain text. It implements `ContinuousPolicy`, so diagnose can vary it."""
+
+    def __init__(self, k: int = 2, force: bool = True, intervention=None, placeholder: int = 0):
+        self.k, self.force, self.intervention, self.placeholder = k, force, intervention, placeholder
+        self.kind = int(Kind.LATENT)
+
+    def varied(self, k=None, force=None, intervention=None):
+        return PrefixThoughts(k or self.k, self.force if force is None else force, intervention, self.placeholder)
+
+    def decide(self, proposal, view):
+        if view.step > 0 or not self.force:
+            return Step(Token(proposal.token))
+        vectors = proposal.hidden[None].expand(self.k, -1)
+        if self.intervention is not None:
+            vectors = torch.stack([self.intervention(v, j) for j, v in enumerate(vectors)])
+        return Step(Embeddings(vectors, self.kind, self.placeholder))
+
+
+def test_diagnose_runs_on_any_continuous_policy(runs, tmp_path, monkeypatch):
+    model = load_eval_model(run=runs / "m")
+    policy = PrefixThoughts(placeholder=model.backbone.token_id(model.backbone.chat.pad))
+    assert isinstance(policy, ContinuousPolicy)
+    monkeypatch.setattr(model.method, "decoding_policy", lambda: policy)
+    options = DiagnoseOptions("synth-zoom", limit=3, batch_size=2, max_new_tokens=4, k_sweep=(1, 3))
+    report, _ = diagnose(model, options, tmp_path, log=lambda line: None)
+    assert report["decoding"]["policy"] == "PrefixThoughts"
+    assert report["generated"]["trigger_rate"] == 1.0
+    assert report["collapse"]["latents"] == 3 * 2
+    assert [point["mean_latent_steps"] for point in report["k_sweep"]] == [1.0, 3.0]
+    assert set(report["interventions"]["conditions"]) == set(CONDITIONS)
