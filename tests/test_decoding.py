@@ -422,3 +422,26 @@ def test_prompt_embeddings_sit_after_the_images_and_are_read(backbone, tmp_path)
 
     embeds = inputs_embeds(backbone, collate([layout], backbone.token_id(backbone.chat.pad)))
     assert torch.equal(embeds[0, slot.start : slot.start + 2], torch.full((2, backbone.hidden_size), 0.5))
+
+
+def test_a_monet_rollout_replays_exactly(backbone, tmp_path):
+    """Monet's own policy (forced block of K=4 hidden-state latents): the replayed forward reproduces the
+    hidden states and log-probs, and `Method.log_probs` gives them with gradient."""
+    monet_cls = get_method("monet")
+    monet = monet_cls(monet_cls.Config(decode_force=True, num_latents=4))
+    monet.setup(backbone)
+    layouts = [monet.prompt(s).build(s.sample_id) for s in make_samples(tmp_path, backbone.supports_images)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.7, seed=5)
+    trajectories = decode(backbone, layouts, params, monet.decoding_policy(), record_hidden=True)
+    assert all([b.shape[0] for b in t.blocks(int(Kind.LATENT))] == [4] for t in trajectories)
+    with torch.no_grad():
+        out, batch = replay_forward(backbone, trajectories)
+    for trajectory, states in zip(trajectories, decision_states(out, batch, trajectories)):
+        torch.testing.assert_close(states, torch.stack(trajectory.decision_hidden), atol=2e-5, rtol=1e-4)
+        # each latent is the hidden state of the position before it
+        for index, vector in trajectory.vectors.items():
+            torch.testing.assert_close(vector, states[index], atol=2e-5, rtol=1e-4)
+    log_probs = monet.log_probs(backbone, trajectories, params)
+    for trajectory, replayed in zip(trajectories, log_probs):
+        assert replayed.requires_grad
+        torch.testing.assert_close(replayed.detach(), torch.tensor(trajectory.log_probs), atol=2e-5, rtol=1e-4)
