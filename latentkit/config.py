@@ -40,7 +40,8 @@ class LoraSection(StrictModel):
 class ModelSection(StrictModel):
     preset: str | None = "tiny-qwen2.5-vl"
     path: Path | None = None  # a local HF-format checkpoint directory; takes precedence over `preset`
-    family: Literal["qwen2_5_vl", "qwen2_vl", "causal_lm"] | None = None  # inferred from config.json when None
+    # inferred from config.json when None
+    family: Literal["qwen2_5_vl", "qwen2_vl", "causal_lm"] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_backend: Literal["sdpa", "triton", "flex"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -54,7 +55,8 @@ class SynthSection(StrictModel):
     n_val: int = Field(32, ge=0)
     n_test: int = Field(64, ge=0)
     seed: int = 0
-    variant: str | None = None  # default: the task's first variant (synth-zoom open|mc, synth-maze plan|yesno)
+    # default: the task's first variant (synth-zoom open|mc, synth-maze plan|yesno)
+    variant: str | None = None
     knobs: dict[str, Any] = {}  # difficulty and size knobs of the task (`latentkit data synth --help`)
 
 
@@ -88,12 +90,14 @@ class EvalSection(StrictModel):
 
 
 class TrainSection(StrictModel):
-    stage: str | None = None  # run only this stage (its predecessors' outputs must exist in the run directory)
+    # run only this stage (its predecessors' outputs must exist in the run directory)
+    stage: str | None = None
     steps: int = Field(300, gt=0)  # optimizer steps per stage
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-3, gt=0)
-    module_lr: dict[str, float] = {}  # module group (vision, embeddings, language_model, lm_head, method) -> lr
+    # module group (vision, embeddings, language_model, lm_head, method) -> lr
+    module_lr: dict[str, float] = {}
     freeze: list[str] = ["vision"]
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -107,7 +111,8 @@ class TrainSection(StrictModel):
     num_workers: int = Field(0, ge=0)
     progress: bool = True
     wandb: WandbSection = WandbSection()
-    eval_every: int | None = Field(None, gt=0)  # optimizer steps between evaluations (and at the end); None: off
+    # optimizer steps between evaluations (and at the end); None: off
+    eval_every: int | None = Field(None, gt=0)
     eval: EvalSection = EvalSection()
 
 
@@ -145,7 +150,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found (pass an existing YAML file, e.g. configs/sft/tiny.yaml)")
+        raise ConfigError(
+            f"config file {path} not found (pass an existing YAML file, e.g. configs/sft/tiny.yaml)"
+        )
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -154,7 +161,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (run, model, data, train, method)")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (run, model, data, train, method)"
+        )
     return loaded
 
 

@@ -27,7 +27,9 @@ def freeze_and_group(
     groups = module_groups(backbone, method)
     for name in [*freeze, *module_lr]:
         if name not in groups:
-            raise ConfigError(f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}")
+            raise ConfigError(
+                f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}"
+            )
     owner: dict[int, str] = {}
     for name in sorted(groups, key=GROUP_ORDER.index):
         for parameter in groups[name].parameters():
@@ -74,5 +76,7 @@ def lr_factor(step: int, config: TrainSection) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainSection
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

@@ -63,7 +63,9 @@ class Method(ABC):
 
     def __init__(self, config: BaseModel):
         self.config = config
-        self.modules = nn.ModuleDict()  # modules the method owns (projectors, VAE, ...): trained and saved with it
+        self.modules = (
+            nn.ModuleDict()
+        )  # modules the method owns (projectors, VAE, ...): trained and saved with it
 
     def setup(self, backbone: Backbone) -> None:
         """Add tokens and build owned modules; called once, before any layout."""
@@ -134,10 +136,16 @@ def _add(name: str, cls: Any, source: str) -> None:
         raise RegistryError(f"method {name!r} from {source} is not a latentkit.registry.Method subclass")
     existing = _registered.get(name)
     if existing is not None and existing[0] is not cls:
-        raise RegistryError(f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one")
-    other_names = [other for other, (registered, _) in _registered.items() if registered is cls and other != name]
+        raise RegistryError(
+            f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one"
+        )
+    other_names = [
+        other for other, (registered, _) in _registered.items() if registered is cls and other != name
+    ]
     if other_names:
-        raise RegistryError(f"{source} is already registered as {other_names[0]!r}; one class has one method name")
+        raise RegistryError(
+            f"{source} is already registered as {other_names[0]!r}; one class has one method name"
+        )
     cls.name = name
     _registered[name] = (cls, source)
 
@@ -166,7 +174,9 @@ def _load_plugin(point: Any) -> None:
     try:
         cls = point.load()
     except Exception as exc:  # a broken plugin is the plugin's error, reported in one line
-        raise RegistryError(f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}") from exc
+        raise RegistryError(
+            f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}"
+        ) from exc
     existing = _registered.get(point.name)
     if existing is None:
         _add(point.name, cls, f"plugin {point.value}")
@@ -183,7 +193,9 @@ def get_method(name: str) -> type[Method]:
         _load_plugin(plugins[name])
     if name not in _registered:
         valid = sorted({*_registered, *plugins})
-        raise RegistryError(f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)")
+        raise RegistryError(
+            f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)"
+        )
     return _registered[name][0]
 
 
@@ -191,4 +203,6 @@ def list_methods() -> list[MethodInfo]:
     _load_builtins()
     for point in _plugin_entry_points().values():
         _load_plugin(point)
-    return [MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())]
+    return [
+        MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())
+    ]

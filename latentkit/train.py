@@ -75,7 +75,9 @@ def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
     saved = directory / "config.yaml"
     if resume:
         if not saved.is_file():
-            raise CheckpointError(f"cannot resume: {saved} does not exist (run without --resume to start {directory})")
+            raise CheckpointError(
+                f"cannot resume: {saved} does not exist (run without --resume to start {directory})"
+            )
         _check_same_config(saved, config)
     elif (directory / "stages").exists():
         raise CheckpointError(
@@ -137,7 +139,15 @@ def sample_indices(num_samples: int, seed: int, stage_index: int, positions: ran
 
 
 def micro_batch_schedule(
-    num_samples: int, seed: int, stage_index: int, start_step: int, steps: int, batch_size: int, accum: int, rank: int, world: int
+    num_samples: int,
+    seed: int,
+    stage_index: int,
+    start_step: int,
+    steps: int,
+    batch_size: int,
+    accum: int,
+    rank: int,
+    world: int,
 ) -> list[list[int]]:
     """This process's micro-batches for steps [start_step, steps): each step draws batch*world*accum samples."""
     per_step = batch_size * world * accum
@@ -157,7 +167,9 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
     method_cls = get_method(config.run.method)
     stages = list(method_cls.stages)
     if config.train.stage is not None and config.train.stage not in stages:
-        raise ConfigError(f"train.stage={config.train.stage!r} is not a stage of {config.run.method}: {', '.join(stages)}")
+        raise ConfigError(
+            f"train.stage={config.train.stage!r} is not a stage of {config.run.method}: {', '.join(stages)}"
+        )
     directory = prepare_run_directory(config, resume)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without CUDA, torchrun-launched processes use gloo (MULTI_CPU)
@@ -188,7 +200,9 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
 
     records = load_training_records(config.data, directory, on_main_first)
     if not records.samples:
-        raise DataError(f"no usable training records in {config.data.path or 'the embedded task'} (skipped {records.skipped})")
+        raise DataError(
+            f"no usable training records in {config.data.path or 'the embedded task'} (skipped {records.skipped})"
+        )
     if records.skipped and accelerator.is_main_process:
         print(f"skipped {records.skipped} bad records: {dict(records.skip_reasons)}")
 
@@ -196,7 +210,9 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         accelerator.init_trackers(
             config.train.wandb.project,
             config=config.model_dump(mode="json"),
-            init_kwargs={"wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}},
+            init_kwargs={
+                "wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}
+            },
         )
     if config.train.eval_every is not None and accelerator.is_main_process:
         from latentkit.eval.periodic import training_evaluator
@@ -219,8 +235,9 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
     return directory
 
 
-
-def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int) -> None:
+def _run_stage(
+    run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
+) -> None:
     config, train_cfg = run.config, run.config.train
     stage_dir = run.directory / "stages" / stage
     if (stage_dir / "final").is_dir():
@@ -254,13 +271,26 @@ def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Samp
         accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
         _log(run, accelerator, {"event": "resume", "stage": stage, "step": start_step})
 
-    dataset = LayoutDataset(samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id)
+    dataset = LayoutDataset(
+        samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id
+    )
     dataset.schedule = micro_batch_schedule(
-        len(samples), config.run.seed, stage_index, start_step, train_cfg.steps,
-        train_cfg.batch_size, train_cfg.grad_accum, accelerator.process_index, accelerator.num_processes,
+        len(samples),
+        config.run.seed,
+        stage_index,
+        start_step,
+        train_cfg.steps,
+        train_cfg.batch_size,
+        train_cfg.grad_accum,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers, collate_fn=lambda batch: batch
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=train_cfg.num_workers,
+        collate_fn=lambda batch: batch,
     )
     _loop(run, accelerator, module, optimizer, scheduler, iter(loader), stage, stage_dir, start_step)
     accelerator.wait_for_everyone()
@@ -269,13 +299,25 @@ def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Samp
     accelerator.wait_for_everyone()
 
 
-def _loop(run: Run, accelerator: Any, module: nn.Module, optimizer, scheduler, batches, stage: str, stage_dir: Path, start_step: int) -> None:
+def _loop(
+    run: Run,
+    accelerator: Any,
+    module: nn.Module,
+    optimizer,
+    scheduler,
+    batches,
+    stage: str,
+    stage_dir: Path,
+    start_step: int,
+) -> None:
     from tqdm.auto import tqdm
 
     train_cfg = run.config.train
     trainable = [p for p in module.parameters() if p.requires_grad]
     bar = tqdm(
-        total=train_cfg.steps, initial=start_step, desc=f"{run.config.run.method}:{stage}",
+        total=train_cfg.steps,
+        initial=start_step,
+        desc=f"{run.config.run.method}:{stage}",
         disable=not (train_cfg.progress and accelerator.is_main_process),
     )
     module.train()
@@ -339,4 +381,6 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
         with open(run.directory / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     if "event" not in record:
-        accelerator.log({f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")})
+        accelerator.log(
+            {f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")}
+        )

@@ -50,14 +50,19 @@ def test_malformed_record(capsys, tmp_path):
     record = {
         "data": [
             {"role": "system", "content": [{"type": "text", "text": "s"}]},
-            {"role": "user", "content": [{"type": "image", "image": "missing.png"}, {"type": "text", "text": "q"}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": "missing.png"}, {"type": "text", "text": "q"}],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
         ],
         "metadata": {"sample_id": "x"},
     }
     (data / "train.json").write_text(json.dumps([record]))
     code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", f"data.path={data}")
-    assert_one_line_error(code, err, "train.json", "record 0", "data[1].content[0].image", "on_bad_record=skip")
+    assert_one_line_error(
+        code, err, "train.json", "record 0", "data[1].content[0].image", "on_bad_record=skip"
+    )
 
 
 def test_resume_without_run_and_restart_of_finished_run(capsys, tmp_path):
@@ -84,7 +89,9 @@ def test_methods_list(capsys):
 
 
 def test_data_synth(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "data", "synth", "--task", "synth-zoom", "--n", "3", "--out", str(tmp_path / "z"))
+    code, out, _ = run_cli(
+        capsys, "data", "synth", "--task", "synth-zoom", "--n", "3", "--out", str(tmp_path / "z")
+    )
     assert code == 0 and "chance level" in out
     assert len(json.loads((tmp_path / "z" / "train.json").read_text())) == 3
     code, _, err = run_cli(capsys, "data", "synth", "--task", "synth-nope", "--out", str(tmp_path / "y"))
@@ -104,7 +111,9 @@ def test_env(capsys):
 
 
 def test_train_in_process_writes_resolved_config(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "run.name=cfg", "train.steps=1", *FAST)
+    code, out, _ = run_cli(
+        capsys, "train", f"run.output_dir={tmp_path}", "run.name=cfg", "train.steps=1", *FAST
+    )
     assert code == 0 and "run finished" in out
     saved = (tmp_path / "cfg" / "config.yaml").read_text()
     assert "steps: 1" in saved and "method: sft" in saved

@@ -17,7 +17,9 @@ def resolve(tmp_path: Path, yaml_text: str | None, overrides: list[str]):
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
-    config = resolve(tmp_path, "train:\n  lr: 0.5\n  steps: 7\nmethod:\n  observation_weight: 3\n", ["train.lr=1e-4"])
+    config = resolve(
+        tmp_path, "train:\n  lr: 0.5\n  steps: 7\nmethod:\n  observation_weight: 3\n", ["train.lr=1e-4"]
+    )
     assert config.train.lr == 1e-4  # CLI beats YAML
     assert config.train.steps == 7  # YAML beats default
     assert config.train.batch_size == 8  # default
@@ -25,7 +27,9 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 
 def test_override_values_are_parsed_as_yaml(tmp_path):
-    config = resolve(tmp_path, None, ["train.freeze=[vision, embeddings]", "model.lora.enabled=true", "data.limit=5"])
+    config = resolve(
+        tmp_path, None, ["train.freeze=[vision, embeddings]", "model.lora.enabled=true", "data.limit=5"]
+    )
     assert config.train.freeze == ["vision", "embeddings"]
     assert config.model.lora.enabled is True
     assert config.data.limit == 5
@@ -33,7 +37,11 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("train.lrr=1", "train.lr"), ("trian.lr=1", "train"), ("method.observation_wieght=2", "method.observation_weight")],
+    [
+        ("train.lrr=1", "train.lr"),
+        ("trian.lr=1", "train"),
+        ("method.observation_wieght=2", "method.observation_weight"),
+    ],
 )
 def test_unknown_key_suggests_closest(tmp_path, override, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean {suggestion}"):

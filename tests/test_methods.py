@@ -49,8 +49,15 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples, 
     for stage in method.stages:
         stage_dir = tmp_path / "stages" / stage
         context = StageContext(
-            tmp_path, stage_dir, batch_samples, 0, 1, lambda: None, lambda event: None,
-            lambda earlier: load_final_weights(module, tmp_path / "stages" / earlier / "final"), progress=False,
+            tmp_path,
+            stage_dir,
+            batch_samples,
+            0,
+            1,
+            lambda: None,
+            lambda event: None,
+            lambda earlier: load_final_weights(module, tmp_path / "stages" / earlier / "final"),
+            progress=False,
         )
         method.prepare_stage(stage, context)
         batch = collate([method.layout(s, stage) for s in batch_samples], backbone.tokenizer.pad_token_id)
@@ -59,7 +66,11 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples, 
         out = method.loss(backbone, batch, stage)
         assert torch.isfinite(out.loss)
         out.loss.backward()
-        missing = [n for n, p in backbone.model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        missing = [
+            n
+            for n, p in backbone.model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.any())
+        ]
         assert not missing, f"{name}/{stage} on {preset}: no gradient for {missing[:5]}"
         save_final(backbone, method, stage, stage_dir / "final")
     answers = answer_samples(method, batch_samples, SamplingParams(max_new_tokens=3), batch_size=2)

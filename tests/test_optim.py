@@ -36,6 +36,8 @@ def test_unknown_group_and_nothing_to_train(parts):
     backbone, method = parts
     with pytest.raises(ConfigError, match="unknown module group 'visoin'.*vision"):
         freeze_and_group(backbone, method, freeze=["visoin"], module_lr={})
-    groups = freeze_and_group(backbone, method, freeze=["vision", "embeddings", "language_model", "lm_head"], module_lr={})
+    groups = freeze_and_group(
+        backbone, method, freeze=["vision", "embeddings", "language_model", "lm_head"], module_lr={}
+    )
     with pytest.raises(ConfigError, match="nothing to train"):
         build_optimizer(groups, TrainSection())

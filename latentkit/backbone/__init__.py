@@ -45,7 +45,9 @@ def _family_of_checkpoint(path: Path) -> str:
         return json.loads(marker.read_text())["family"]
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{path} holds no config.json: pass a local HF-format checkpoint directory as model.path")
+        raise CheckpointError(
+            f"{path} holds no config.json: pass a local HF-format checkpoint directory as model.path"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type", "")
     return _MODEL_TYPES.get(model_type, "causal_lm")
 
@@ -97,7 +99,9 @@ def load_checkpoint(path: Path, section: ModelSection, family: str | None = None
     """A backbone from a local HF-format directory (never the hub)."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"model.path {path} is not a directory: pass a local HF-format checkpoint directory")
+        raise CheckpointError(
+            f"model.path {path} is not a directory: pass a local HF-format checkpoint directory"
+        )
     family = family or _family_of_checkpoint(path)
     dtype = getattr(torch, section.dtype)
     model = _model_class(family).from_pretrained(path, local_files_only=True, dtype=dtype)
