@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from helpers import FAST
 from latentkit.cli.app import main
 
@@ -32,6 +33,16 @@ def test_bad_config_key(capsys, tmp_path):
 def test_unknown_method(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--method", "monnet", f"run.output_dir={tmp_path}")
     assert_one_line_error(code, err, "monnet", "valid methods: ", "sft")
+
+
+def test_unknown_stage_in_stage_settings(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys, "train", "--method", "monet", f"run.output_dir={tmp_path}", "train.stages.distil.lr=1"
+    )
+    assert_one_line_error(
+        code, err, "train.stages.distil", "not a stage of monet", "valid stages: warmup, distill, latent"
+    )
+    assert not tmp_path.joinpath("monet-tiny-qwen2.5-vl").exists()
 
 
 def test_missing_config_file(capsys, tmp_path):
@@ -117,3 +128,4 @@ def test_train_in_process_writes_resolved_config(capsys, tmp_path):
     assert code == 0 and "run finished" in out
     saved = (tmp_path / "cfg" / "config.yaml").read_text()
     assert "steps: 1" in saved and "method: sft" in saved
+    assert yaml.safe_load(saved)["train"]["stages"]["sft"]["steps"] == 1  # every stage's effective values

@@ -22,7 +22,16 @@ FAMILIES: dict[str, type[Backbone]] = {
 }
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
 
-__all__ = ["FAMILIES", "PRESETS", "Backbone", "BackboneOutput", "ChatFormat", "ImageInput", "build_backbone"]
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "Backbone",
+    "BackboneOutput",
+    "ChatFormat",
+    "ImageInput",
+    "build_backbone",
+    "load_auxiliary_model",
+]
 
 
 def _model_class(family: str):
@@ -118,3 +127,14 @@ def load_checkpoint(path: Path, section: ModelSection, family: str | None = None
     backbone = _wrap(family, model, tokenizer, section, image_processor)
     backbone.source = str(path)
     return backbone
+
+
+def load_auxiliary_model(path: Path, key: str, dtype: str = "float32") -> torch.nn.Module:
+    """An HF model from a local directory (e.g. a DINOv2 or SigLIP vision encoder) for `Method.add_auxiliary`;
+    `key` is the config key that named the path."""
+    from transformers import AutoModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{key}={path} holds no config.json: pass a local HF-format model directory")
+    return AutoModel.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))

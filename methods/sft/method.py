@@ -14,7 +14,7 @@ from latentkit.chat import ResponseWeights, drop_aux_image, inline_aux_image, re
 from latentkit.config import StrictModel
 from latentkit.layout import Batch, Layout, LayoutBuilder, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, register_method
+from latentkit.registry import LossOutput, Method, StageProgress, register_method
 from latentkit.segments import Sample
 
 
@@ -56,5 +56,5 @@ class SFT(Method):
     def layout(self, sample: Sample, stage: str) -> Layout:
         return sft_layout(self.backbone, sample, self.config)
 
-    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
         return sft_loss(self, backbone, batch, stage)
