@@ -150,8 +150,8 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
 
     from latentkit.backbone import build_backbone
     from latentkit.data import load_training_records
-    from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group
-    from latentkit.registry import get_method
+    from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group, trainable_parameters
+    from latentkit.registry import StageProgress, get_method
     from latentkit.train import LayoutDataset, micro_batch_schedule
 
     config = tiny_config(output_dir, total_steps, batch_size)
@@ -169,7 +169,9 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     method = method_cls(config.method)
     method.setup(backbone)
     samples = load_training_records(config.data, run_dir, lambda work: work()).samples
-    groups = freeze_and_group(backbone, method, train_cfg.freeze, train_cfg.module_lr)
+    groups = freeze_and_group(
+        backbone, method, train_cfg.freeze, train_cfg.module_lr, trainable_parameters(backbone, method)
+    )
     optimizer = build_optimizer(groups, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     trainable = [p for params in groups.values() for p in params]
@@ -188,7 +190,7 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     for step in range(train_cfg.steps):
         batch = dataset[step]
         t_batch = time.perf_counter()
-        out = method.loss(backbone, batch, stage)
+        out = method.loss(backbone, batch, stage, StageProgress(step, train_cfg.steps))
         t_forward = time.perf_counter()
         out.loss.backward()
         t_backward = time.perf_counter()

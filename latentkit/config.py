@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from latentkit.errors import ConfigError
 
@@ -40,7 +41,8 @@ class LoraSection(StrictModel):
 class ModelSection(StrictModel):
     preset: str | None = "tiny-qwen2.5-vl"
     path: Path | None = None  # a local HF-format checkpoint directory; takes precedence over `preset`
-    family: Literal["qwen2_5_vl", "qwen2_vl", "causal_lm"] | None = None  # inferred from config.json when None
+    # inferred from config.json when None
+    family: Literal["qwen2_5_vl", "qwen2_vl", "causal_lm"] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_backend: Literal["sdpa", "triton", "flex"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -54,7 +56,8 @@ class SynthSection(StrictModel):
     n_val: int = Field(32, ge=0)
     n_test: int = Field(64, ge=0)
     seed: int = 0
-    variant: str | None = None  # default: the task's first variant (synth-zoom open|mc, synth-maze plan|yesno)
+    # default: the task's first variant (synth-zoom open|mc, synth-maze plan|yesno)
+    variant: str | None = None
     knobs: dict[str, Any] = {}  # difficulty and size knobs of the task (`latentkit data synth --help`)
 
 
@@ -87,28 +90,76 @@ class EvalSection(StrictModel):
     aux_images: Literal["none", "dataset"] = "none"
 
 
+Schedule = Literal["linear", "cosine", "constant"]
+# YAML reads a bare `no` (e.g. `train.mixed_precision=no`) as false.
+MixedPrecision = Annotated[
+    Literal["no", "bf16", "fp16"], BeforeValidator(lambda value: "no" if value is False else value)
+]
+
+
+class StageOverrides(StrictModel):
+    """`train.stages.<stage>`: the `train` keys one stage may set for itself; an unset key keeps the global value."""
+
+    steps: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    grad_accum: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    module_lr: dict[str, float] | None = None
+    freeze: list[str] | None = None
+    warmup_steps: int | None = Field(None, ge=0)
+    schedule: Schedule | None = None
+    mixed_precision: MixedPrecision | None = None
+
+
 class TrainSection(StrictModel):
-    stage: str | None = None  # run only this stage (its predecessors' outputs must exist in the run directory)
+    # run only this stage (its predecessors' outputs must exist in the run directory)
+    stage: str | None = None
     steps: int = Field(300, gt=0)  # optimizer steps per stage
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(2e-3, gt=0)
-    module_lr: dict[str, float] = {}  # module group (vision, embeddings, language_model, lm_head, method) -> lr
+    # module group (vision, embeddings, language_model, lm_head, method) -> lr
+    module_lr: dict[str, float] = {}
     freeze: list[str] = ["vision"]
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    schedule: Schedule = "linear"
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: MixedPrecision = "no"
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
     num_workers: int = Field(0, ge=0)
     progress: bool = True
     wandb: WandbSection = WandbSection()
-    eval_every: int | None = Field(None, gt=0)  # optimizer steps between evaluations (and at the end); None: off
+    # optimizer steps between evaluations (and at the end); None: off
+    eval_every: int | None = Field(None, gt=0)
     eval: EvalSection = EvalSection()
+    stages: dict[str, StageOverrides] = {}  # per-stage overrides of the keys above
+
+
+def effective_train(train: TrainSection, stage: str) -> TrainSection:
+    """The `train` settings of one stage: the global values with `train.stages.<stage>` laid over them."""
+    overrides = train.stages.get(stage, StageOverrides())
+    return train.model_copy(update=overrides.model_dump(exclude_none=True))
+
+
+def resolve_stages(train: TrainSection, method: str, stages: Sequence[str]) -> TrainSection:
+    """Check the stage names in `train`; fill `train.stages` with every stage's effective values (saved with the run)."""
+    valid = ", ".join(stages)
+    if train.stage is not None and train.stage not in stages:
+        raise ConfigError(f"train.stage={train.stage!r} is not a stage of {method}: {valid}")
+    for name in train.stages:
+        if name not in stages:
+            raise ConfigError(
+                f"train.stages.{name}: {name!r} is not a stage of {method} (valid stages: {valid})"
+            )
+    keys = set(StageOverrides.model_fields)
+    filled = {
+        stage: StageOverrides(**effective_train(train, stage).model_dump(include=keys)) for stage in stages
+    }
+    return train.model_copy(update={"stages": filled})
 
 
 class LatentkitConfig(StrictModel):
@@ -145,7 +196,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found (pass an existing YAML file, e.g. configs/sft/tiny.yaml)")
+        raise ConfigError(
+            f"config file {path} not found (pass an existing YAML file, e.g. configs/sft/tiny.yaml)"
+        )
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -154,7 +207,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (run, model, data, train, method)")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (run, model, data, train, method)"
+        )
     return loaded
 
 
@@ -179,8 +234,18 @@ def check_keys(model: type[BaseModel], raw: dict[str, Any], where: str, prefix: 
             hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys here: {', '.join(fields)}"
             raise ConfigError(f"unknown config key {dotted!r} in {where}: {hint}")
         annotation = fields[key].annotation
-        if isinstance(value, dict) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if not isinstance(value, dict):
+            continue
+        if _is_model(annotation):
             check_keys(annotation, value, where, f"{dotted}.")
+        elif get_origin(annotation) is dict and _is_model(item_type := get_args(annotation)[1]):
+            for name, item in value.items():  # a mapping of sections, e.g. train.stages.<stage>
+                if isinstance(item, dict):
+                    check_keys(item_type, item, where, f"{dotted}.{name}.")
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _one_line(exc: ValidationError, where: str) -> str:

@@ -20,18 +20,41 @@ def module_groups(backbone: Backbone, method: Method) -> dict[str, nn.Module]:
     return {**backbone.module_groups(), "method": method.modules}
 
 
-def freeze_and_group(
+def check_module_groups(
     backbone: Backbone, method: Method, freeze: list[str], module_lr: dict[str, float]
-) -> dict[str, list[nn.Parameter]]:
-    """Freeze the named groups; return trainable parameters by group (each parameter in exactly one)."""
+) -> None:
     groups = module_groups(backbone, method)
     for name in [*freeze, *module_lr]:
         if name not in groups:
-            raise ConfigError(f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}")
+            raise ConfigError(
+                f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}"
+            )
+
+
+def trainable_parameters(backbone: Backbone, method: Method) -> list[nn.Parameter]:
+    """The parameters trainable before any stage freezes groups (LoRA has already frozen the base weights)."""
+    return [p for module in (backbone.model, method.modules) for p in module.parameters() if p.requires_grad]
+
+
+def freeze_and_group(
+    backbone: Backbone,
+    method: Method,
+    freeze: list[str],
+    module_lr: dict[str, float],
+    trainable: list[nn.Parameter],
+) -> dict[str, list[nn.Parameter]]:
+    """Make `trainable` minus the named groups trainable, so a stage unfreezes what an earlier stage froze;
+    return the trainable parameters by group (each parameter in exactly one)."""
+    check_module_groups(backbone, method, freeze, module_lr)
+    groups = module_groups(backbone, method)
     owner: dict[int, str] = {}
     for name in sorted(groups, key=GROUP_ORDER.index):
         for parameter in groups[name].parameters():
             owner.setdefault(id(parameter), name)
+    allowed = {id(p) for p in trainable}
+    for module in (backbone.model, method.modules):
+        for parameter in module.parameters():
+            parameter.requires_grad_(id(parameter) in allowed)
     for name in freeze:
         for parameter in groups[name].parameters():
             if owner[id(parameter)] == name:
@@ -74,5 +97,7 @@ def lr_factor(step: int, config: TrainSection) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainSection
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

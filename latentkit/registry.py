@@ -35,6 +35,18 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StageProgress:
+    """Where a loss is computed within its stage: `step` is the 0-based optimizer step, of `total_steps`."""
+
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps
+
+
 @dataclass
 class StageContext:
     """What `Method.prepare_stage` may use: the run, this process's place in it, and the stage outputs so far."""
@@ -63,13 +75,21 @@ class Method(ABC):
 
     def __init__(self, config: BaseModel):
         self.config = config
-        self.modules = (
-            nn.ModuleDict()
-        )  # modules the method owns (projectors, VAE, ...): trained and saved with it
+        # Trainable owned modules (projectors, VAE, ...): optimised, wrapped by DDP/FSDP, saved with the method.
+        self.modules = nn.ModuleDict()
+        # Frozen auxiliaries (vision encoders, a reference model): never optimised, wrapped or saved.
+        self.auxiliaries = nn.ModuleDict()
 
     def setup(self, backbone: Backbone) -> None:
         """Add tokens and build owned modules; called once, before any layout."""
         self.backbone = backbone
+
+    def add_auxiliary(self, name: str, module: nn.Module) -> nn.Module:
+        """Declare a frozen auxiliary module (in eval mode, without gradients); the trainer moves it to its device."""
+        module.eval()
+        module.requires_grad_(False)
+        self.auxiliaries[name] = module
+        return module
 
     def stage_init(self, stage: str) -> str | None:
         """The earlier stage whose final weights this stage starts from (None: continue from the previous)."""
@@ -90,7 +110,7 @@ class Method(ABC):
         return with_padding(causal_mask(size, length, batch.input_ids.device), batch.valid)
 
     @abstractmethod
-    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput: ...
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput: ...
 
     def prompt(self, sample: Sample) -> LayoutBuilder:
         """What generation continues: the system and user turns, then the assistant header; the vectors of

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,27 +31,47 @@ from latentkit.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from latentkit.config import LatentkitConfig, save_config
+from latentkit.config import LatentkitConfig, TrainSection, effective_train, resolve_stages, save_config
 from latentkit.data import load_training_records
 from latentkit.errors import CheckpointError, ConfigError, DataError
 from latentkit.layout import Batch, Layout, collate
-from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group
-from latentkit.registry import LossOutput, Method, StageContext, get_method
+from latentkit.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_module_groups,
+    freeze_and_group,
+    trainable_parameters,
+)
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress, get_method
 from latentkit.segments import Sample
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def stage_autocast(mixed_precision: str, device_type: str) -> torch.autocast:
+    """Autocast for a stage's `train.mixed_precision` ("no": off, also inside an enclosing autocast)."""
+    return torch.autocast(
+        device_type, dtype=_AUTOCAST_DTYPES.get(mixed_precision), enabled=mixed_precision != "no"
+    )
 
 
 class TrainModule(nn.Module):
-    """Backbone model + method-owned modules as one module, so DDP/FSDP wrap and sync both."""
+    """Backbone model + the method's trainable modules as one module, so DDP/FSDP wrap and sync both (its frozen
+    auxiliaries stay outside). `mixed_precision`: stage -> its setting, applied around that stage's loss."""
 
-    def __init__(self, backbone: Backbone, method: Method):
+    def __init__(self, backbone: Backbone, method: Method, mixed_precision: dict[str, str] | None = None):
         super().__init__()
         self.model = backbone.model
         self.method_modules = method.modules
         self._backbone = backbone
         self._method = method
+        self._mixed_precision = mixed_precision or {}
 
-    def forward(self, batch: Batch, stage: str) -> LossOutput:
-        return self._method.loss(self._backbone, batch, stage)
+    def forward(self, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+        precision = self._mixed_precision.get(stage)
+        # accelerate fixes one precision when the Accelerator is built; this inner autocast overrides it per stage.
+        with nullcontext() if precision is None else stage_autocast(precision, batch.input_ids.device.type):
+            return self._method.loss(self._backbone, batch, stage, progress)
 
 
 @dataclass
@@ -61,6 +81,7 @@ class Run:
     backbone: Backbone
     directory: Path
     evaluator: Callable[[], dict[str, float]] | None = None  # train.eval_every; main process only
+    trainable: list[nn.Parameter] = field(default_factory=list)  # what each stage's train.freeze starts from
 
 
 def run_name(config: LatentkitConfig) -> str:
@@ -75,7 +96,9 @@ def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
     saved = directory / "config.yaml"
     if resume:
         if not saved.is_file():
-            raise CheckpointError(f"cannot resume: {saved} does not exist (run without --resume to start {directory})")
+            raise CheckpointError(
+                f"cannot resume: {saved} does not exist (run without --resume to start {directory})"
+            )
         _check_same_config(saved, config)
     elif (directory / "stages").exists():
         raise CheckpointError(
@@ -137,7 +160,15 @@ def sample_indices(num_samples: int, seed: int, stage_index: int, positions: ran
 
 
 def micro_batch_schedule(
-    num_samples: int, seed: int, stage_index: int, start_step: int, steps: int, batch_size: int, accum: int, rank: int, world: int
+    num_samples: int,
+    seed: int,
+    stage_index: int,
+    start_step: int,
+    steps: int,
+    batch_size: int,
+    accum: int,
+    rank: int,
+    world: int,
 ) -> list[list[int]]:
     """This process's micro-batches for steps [start_step, steps): each step draws batch*world*accum samples."""
     per_step = batch_size * world * accum
@@ -151,13 +182,36 @@ def micro_batch_schedule(
 
 def train(config: LatentkitConfig, resume: bool = False) -> Path:
     """Run every stage of the method (or only `train.stage`) and return the run directory."""
+    try:
+        return _train(config, resume)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so a later `train` in this process may use other settings."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _train(config: LatentkitConfig, resume: bool) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     method_cls = get_method(config.run.method)
     stages = list(method_cls.stages)
-    if config.train.stage is not None and config.train.stage not in stages:
-        raise ConfigError(f"train.stage={config.train.stage!r} is not a stage of {config.run.method}: {', '.join(stages)}")
+    config = config.model_copy(update={"train": resolve_stages(config.train, config.run.method, stages)})
+    precision = {stage: effective_train(config.train, stage).mixed_precision for stage in stages}
+    fp16 = [stage for stage in stages if precision[stage] == "fp16"]
+    if fp16 and config.train.mixed_precision != "fp16":
+        raise ConfigError(
+            f"train.stages.{fp16[0]}.mixed_precision=fp16 needs train.mixed_precision=fp16 (the loss scaler is made "
+            "when the run starts); use bf16 for that stage"
+        )
     directory = prepare_run_directory(config, resume)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without CUDA, torchrun-launched processes use gloo (MULTI_CPU)
@@ -175,11 +229,15 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
     backbone = build_backbone(config.model)
     method = method_cls(config.method)
     method.setup(backbone)
+    method.auxiliaries.to(accelerator.device)
     if config.model.lora.enabled:
         from latentkit.backbone.lora import apply_lora
 
         lora = config.model.lora
         backbone.model = apply_lora(backbone.model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    for stage in stages:
+        settings = effective_train(config.train, stage)
+        check_module_groups(backbone, method, settings.freeze, settings.module_lr)
     run = Run(config, method, backbone, directory)
 
     def on_main_first(work):
@@ -188,7 +246,9 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
 
     records = load_training_records(config.data, directory, on_main_first)
     if not records.samples:
-        raise DataError(f"no usable training records in {config.data.path or 'the embedded task'} (skipped {records.skipped})")
+        raise DataError(
+            f"no usable training records in {config.data.path or 'the embedded task'} (skipped {records.skipped})"
+        )
     if records.skipped and accelerator.is_main_process:
         print(f"skipped {records.skipped} bad records: {dict(records.skip_reasons)}")
 
@@ -196,14 +256,16 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         accelerator.init_trackers(
             config.train.wandb.project,
             config=config.model_dump(mode="json"),
-            init_kwargs={"wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}},
+            init_kwargs={
+                "wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}
+            },
         )
     if config.train.eval_every is not None and accelerator.is_main_process:
         from latentkit.eval.periodic import training_evaluator
 
         run.evaluator = training_evaluator(method, config, directory)
-    module = TrainModule(backbone, method)
-    module = accelerator.prepare_model(module)
+    module = accelerator.prepare_model(TrainModule(backbone, method, precision))
+    run.trainable = trainable_parameters(backbone, method)
     for stage_index, stage in enumerate(stages):
         if config.train.stage is not None and stage != config.train.stage:
             continue
@@ -213,15 +275,14 @@ def train(config: LatentkitConfig, resume: bool = False) -> Path:
         publish_copy(directory / "stages" / last / "final", directory / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     accelerator.print(f"run finished: {directory} (final model in {directory / 'final'})")
     return directory
 
 
-
-def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int) -> None:
-    config, train_cfg = run.config, run.config.train
+def _run_stage(
+    run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
+) -> None:
+    config, train_cfg = run.config, effective_train(run.config.train, stage)
     stage_dir = run.directory / "stages" / stage
     if (stage_dir / "final").is_dir():
         accelerator.print(f"stage {stage}: already finished in {stage_dir / 'final'}, skipping")
@@ -244,7 +305,7 @@ def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Samp
     )
     run.method.prepare_stage(stage, context)
 
-    groups = freeze_and_group(run.backbone, run.method, train_cfg.freeze, train_cfg.module_lr)
+    groups = freeze_and_group(run.backbone, run.method, train_cfg.freeze, train_cfg.module_lr, run.trainable)
     optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
     scheduler = build_scheduler(optimizer, train_cfg)
     start_step = 0
@@ -254,28 +315,55 @@ def _run_stage(run: Run, accelerator: Any, module: nn.Module, samples: list[Samp
         accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
         _log(run, accelerator, {"event": "resume", "stage": stage, "step": start_step})
 
-    dataset = LayoutDataset(samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id)
+    dataset = LayoutDataset(
+        samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id
+    )
     dataset.schedule = micro_batch_schedule(
-        len(samples), config.run.seed, stage_index, start_step, train_cfg.steps,
-        train_cfg.batch_size, train_cfg.grad_accum, accelerator.process_index, accelerator.num_processes,
+        len(samples),
+        config.run.seed,
+        stage_index,
+        start_step,
+        train_cfg.steps,
+        train_cfg.batch_size,
+        train_cfg.grad_accum,
+        accelerator.process_index,
+        accelerator.num_processes,
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=train_cfg.num_workers, collate_fn=lambda batch: batch
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=train_cfg.num_workers,
+        collate_fn=lambda batch: batch,
     )
-    _loop(run, accelerator, module, optimizer, scheduler, iter(loader), stage, stage_dir, start_step)
+    _loop(
+        run, accelerator, module, optimizer, scheduler, iter(loader), stage, stage_dir, start_step, train_cfg
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(run.backbone, run.method, stage, stage_dir / "final")
     accelerator.wait_for_everyone()
 
 
-def _loop(run: Run, accelerator: Any, module: nn.Module, optimizer, scheduler, batches, stage: str, stage_dir: Path, start_step: int) -> None:
+def _loop(
+    run: Run,
+    accelerator: Any,
+    module: nn.Module,
+    optimizer,
+    scheduler,
+    batches,
+    stage: str,
+    stage_dir: Path,
+    start_step: int,
+    train_cfg: TrainSection,
+) -> None:
     from tqdm.auto import tqdm
 
-    train_cfg = run.config.train
     trainable = [p for p in module.parameters() if p.requires_grad]
     bar = tqdm(
-        total=train_cfg.steps, initial=start_step, desc=f"{run.config.run.method}:{stage}",
+        total=train_cfg.steps,
+        initial=start_step,
+        desc=f"{run.config.run.method}:{stage}",
         disable=not (train_cfg.progress and accelerator.is_main_process),
     )
     module.train()
@@ -288,7 +376,7 @@ def _loop(run: Run, accelerator: Any, module: nn.Module, optimizer, scheduler, b
             batch = next(batches).to(accelerator.device)
             last_micro = micro == train_cfg.grad_accum - 1
             with nullcontext() if last_micro else accelerator.no_sync(module):
-                out = module(batch, stage)
+                out = module(batch, stage, StageProgress(step, train_cfg.steps))
                 accelerator.backward(out.loss / train_cfg.grad_accum)
             loss += out.loss.detach() / train_cfg.grad_accum
             for key, value in out.metrics.items():
@@ -339,4 +427,6 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
         with open(run.directory / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     if "event" not in record:
-        accelerator.log({f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")})
+        accelerator.log(
+            {f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")}
+        )

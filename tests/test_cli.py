@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from helpers import FAST
 from latentkit.cli.app import main
 
@@ -34,6 +35,16 @@ def test_unknown_method(capsys, tmp_path):
     assert_one_line_error(code, err, "monnet", "valid methods: ", "sft")
 
 
+def test_unknown_stage_in_stage_settings(capsys, tmp_path):
+    code, _, err = run_cli(
+        capsys, "train", "--method", "monet", f"run.output_dir={tmp_path}", "train.stages.distil.lr=1"
+    )
+    assert_one_line_error(
+        code, err, "train.stages.distil", "not a stage of monet", "valid stages: warmup, distill, latent"
+    )
+    assert not tmp_path.joinpath("monet-tiny-qwen2.5-vl").exists()
+
+
 def test_missing_config_file(capsys, tmp_path):
     code, _, err = run_cli(capsys, "train", "--config", str(tmp_path / "nope.yaml"))
     assert_one_line_error(code, err, "nope.yaml", "not found")
@@ -50,14 +61,19 @@ def test_malformed_record(capsys, tmp_path):
     record = {
         "data": [
             {"role": "system", "content": [{"type": "text", "text": "s"}]},
-            {"role": "user", "content": [{"type": "image", "image": "missing.png"}, {"type": "text", "text": "q"}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": "missing.png"}, {"type": "text", "text": "q"}],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": "a"}]},
         ],
         "metadata": {"sample_id": "x"},
     }
     (data / "train.json").write_text(json.dumps([record]))
     code, _, err = run_cli(capsys, "train", f"run.output_dir={tmp_path}", f"data.path={data}")
-    assert_one_line_error(code, err, "train.json", "record 0", "data[1].content[0].image", "on_bad_record=skip")
+    assert_one_line_error(
+        code, err, "train.json", "record 0", "data[1].content[0].image", "on_bad_record=skip"
+    )
 
 
 def test_resume_without_run_and_restart_of_finished_run(capsys, tmp_path):
@@ -84,7 +100,9 @@ def test_methods_list(capsys):
 
 
 def test_data_synth(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "data", "synth", "--task", "synth-zoom", "--n", "3", "--out", str(tmp_path / "z"))
+    code, out, _ = run_cli(
+        capsys, "data", "synth", "--task", "synth-zoom", "--n", "3", "--out", str(tmp_path / "z")
+    )
     assert code == 0 and "chance level" in out
     assert len(json.loads((tmp_path / "z" / "train.json").read_text())) == 3
     code, _, err = run_cli(capsys, "data", "synth", "--task", "synth-nope", "--out", str(tmp_path / "y"))
@@ -104,7 +122,10 @@ def test_env(capsys):
 
 
 def test_train_in_process_writes_resolved_config(capsys, tmp_path):
-    code, out, _ = run_cli(capsys, "train", f"run.output_dir={tmp_path}", "run.name=cfg", "train.steps=1", *FAST)
+    code, out, _ = run_cli(
+        capsys, "train", f"run.output_dir={tmp_path}", "run.name=cfg", "train.steps=1", *FAST
+    )
     assert code == 0 and "run finished" in out
     saved = (tmp_path / "cfg" / "config.yaml").read_text()
     assert "steps: 1" in saved and "method: sft" in saved
+    assert yaml.safe_load(saved)["train"]["stages"]["sft"]["steps"] == 1  # every stage's effective values

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 from latentkit.methods.sft import SFTConfig
 
-from latentkit.config import build_config, parse_override, raw_config, save_config
+from latentkit.config import (
+    StageOverrides,
+    build_config,
+    effective_train,
+    parse_override,
+    raw_config,
+    resolve_stages,
+    save_config,
+)
 from latentkit.errors import ConfigError
 
 
@@ -17,7 +25,9 @@ def resolve(tmp_path: Path, yaml_text: str | None, overrides: list[str]):
 
 
 def test_precedence_cli_over_yaml_over_defaults(tmp_path):
-    config = resolve(tmp_path, "train:\n  lr: 0.5\n  steps: 7\nmethod:\n  observation_weight: 3\n", ["train.lr=1e-4"])
+    config = resolve(
+        tmp_path, "train:\n  lr: 0.5\n  steps: 7\nmethod:\n  observation_weight: 3\n", ["train.lr=1e-4"]
+    )
     assert config.train.lr == 1e-4  # CLI beats YAML
     assert config.train.steps == 7  # YAML beats default
     assert config.train.batch_size == 8  # default
@@ -25,7 +35,9 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
 
 
 def test_override_values_are_parsed_as_yaml(tmp_path):
-    config = resolve(tmp_path, None, ["train.freeze=[vision, embeddings]", "model.lora.enabled=true", "data.limit=5"])
+    config = resolve(
+        tmp_path, None, ["train.freeze=[vision, embeddings]", "model.lora.enabled=true", "data.limit=5"]
+    )
     assert config.train.freeze == ["vision", "embeddings"]
     assert config.model.lora.enabled is True
     assert config.data.limit == 5
@@ -33,7 +45,11 @@ def test_override_values_are_parsed_as_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("train.lrr=1", "train.lr"), ("trian.lr=1", "train"), ("method.observation_wieght=2", "method.observation_weight")],
+    [
+        ("train.lrr=1", "train.lr"),
+        ("trian.lr=1", "train"),
+        ("method.observation_wieght=2", "method.observation_weight"),
+    ],
 )
 def test_unknown_key_suggests_closest(tmp_path, override, suggestion):
     with pytest.raises(ConfigError, match=f"did you mean {suggestion}"):
@@ -79,3 +95,41 @@ def test_shipped_configs_are_valid():
         from latentkit.registry import get_method
 
         build_config(get_method(raw["run"]["method"]).Config, raw, where)
+
+
+def test_stage_overrides_lay_over_the_global_train_section(tmp_path):
+    overrides = [
+        "train.lr=0.1",
+        "train.stages.b.lr=0.2",
+        "train.stages.b.freeze=[]",
+        "train.stages.b.mixed_precision=no",
+    ]
+    train = resolve(
+        tmp_path, "train:\n  mixed_precision: bf16\n  stages:\n    b:\n      steps: 9\n", overrides
+    ).train
+    a, b = effective_train(train, "a"), effective_train(train, "b")
+    assert (a.lr, a.steps, a.freeze, a.mixed_precision) == (0.1, 300, ["vision"], "bf16")
+    assert (b.lr, b.steps, b.freeze, b.mixed_precision) == (0.2, 9, [], "no")
+    assert b.batch_size == a.batch_size == 8 and b.stages == train.stages
+
+    filled = resolve_stages(train, "m", ["a", "b"]).stages
+    assert filled["a"] == StageOverrides(**a.model_dump(include=set(StageOverrides.model_fields)))
+    assert filled["b"].steps == 9 and filled["b"].lr == 0.2
+    assert resolve_stages(resolve_stages(train, "m", ["a", "b"]), "m", ["a", "b"]).stages == filled
+
+
+def test_bad_stage_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean train.stages.b.lr"):
+        resolve(tmp_path, None, ["train.stages.b.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'train.stages.b.checkpoint_every'"):
+        resolve(tmp_path, None, ["train.stages.b.checkpoint_every=5"])
+    with pytest.raises(ConfigError, match="train.stages.b.steps"):
+        resolve(tmp_path, None, ["train.stages.b.steps=0"])
+    train = resolve(tmp_path, None, ["train.stages.warmpu.lr=1"]).train
+    with pytest.raises(
+        ConfigError,
+        match=r"train.stages.warmpu: 'warmpu' is not a stage of m \(valid stages: warmup, latent\)",
+    ):
+        resolve_stages(train, "m", ["warmup", "latent"])
+    with pytest.raises(ConfigError, match="train.stage='x' is not a stage of m: warmup, latent"):
+        resolve_stages(resolve(tmp_path, None, ["train.stage=x"]).train, "m", ["warmup", "latent"])

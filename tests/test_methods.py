@@ -1,5 +1,5 @@
 """Every registered method x every tiny backbone: a training step gives a finite loss and reaches every
-trainable parameter, and the method generates; and the SFT formula (weighted next-token CE) on a small case
+trainable parameter (the backbone's and the method's own), never its frozen auxiliaries, and the method generates; and the SFT formula (weighted next-token CE) on a small case
 computed independently."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from latentkit.config import ModelSection
 from latentkit.eval.answer import answer_samples
 from latentkit.decoding import SamplingParams
 from latentkit.layout import Kind, collate
-from latentkit.optim import freeze_and_group
+from latentkit.optim import freeze_and_group, trainable_parameters
 from latentkit.records import load_split
-from latentkit.registry import StageContext, get_method, list_methods
+from latentkit.registry import StageContext, StageProgress, get_method, list_methods
 from latentkit.synth.zoom import generate_synth_zoom
 from latentkit.train import TrainModule
 
@@ -43,24 +43,45 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples, 
     method = method_cls(method_cls.Config())
     method.setup(backbone)
     batch_samples = samples[:2] if backbone.supports_images else [text_only(s) for s in samples[:2]]
-    groups = freeze_and_group(backbone, method, freeze=[], module_lr={})
+    groups = freeze_and_group(backbone, method, [], {}, trainable_parameters(backbone, method))
     trainable = [p for params in groups.values() for p in params]
     module = TrainModule(backbone, method)
     for stage in method.stages:
         stage_dir = tmp_path / "stages" / stage
         context = StageContext(
-            tmp_path, stage_dir, batch_samples, 0, 1, lambda: None, lambda event: None,
-            lambda earlier: load_final_weights(module, tmp_path / "stages" / earlier / "final"), progress=False,
+            tmp_path,
+            stage_dir,
+            batch_samples,
+            0,
+            1,
+            lambda: None,
+            lambda event: None,
+            lambda earlier: load_final_weights(module, tmp_path / "stages" / earlier / "final"),
+            progress=False,
         )
         method.prepare_stage(stage, context)
         batch = collate([method.layout(s, stage) for s in batch_samples], backbone.tokenizer.pad_token_id)
         for parameter in trainable:
             parameter.grad = None
-        out = method.loss(backbone, batch, stage)
+        out = module(batch, stage, StageProgress(0, 1))
         assert torch.isfinite(out.loss)
         out.loss.backward()
-        missing = [n for n, p in backbone.model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        missing = [
+            n
+            for n, p in backbone.model.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.any())
+        ]
         assert not missing, f"{name}/{stage} on {preset}: no gradient for {missing[:5]}"
+        owned = [
+            n
+            for n, p in method.modules.named_parameters()
+            if p.requires_grad and (p.grad is None or not p.grad.isfinite().all())
+        ]
+        assert not owned, f"{name}/{stage} on {preset}: no finite gradient for method modules {owned[:5]}"
+        frozen = [
+            n for n, p in method.auxiliaries.named_parameters() if p.requires_grad or p.grad is not None
+        ]
+        assert not frozen, f"{name}/{stage} on {preset}: auxiliary parameters {frozen[:5]} are trained"
         save_final(backbone, method, stage, stage_dir / "final")
     answers = answer_samples(method, batch_samples, SamplingParams(max_new_tokens=3), batch_size=2)
     assert [a.sample.sample_id for a in answers] == [s.sample_id for s in batch_samples]
@@ -86,7 +107,7 @@ def test_sft_labels_weights_and_loss_match_an_independent_computation(samples):
     assert set(layout.loss_weight[layout.kinds == int(Kind.TEXT)].tolist()) <= {0.0, 1.0}
 
     batch = collate([layout], backbone.tokenizer.pad_token_id)
-    loss = method.loss(backbone, batch, "sft").loss.detach()
+    loss = method.loss(backbone, batch, "sft", StageProgress(0, 1)).loss.detach()
     with torch.no_grad():
         logits = backbone.model(input_ids=layout.input_ids[None]).logits[0].double()
     numerator = denominator = 0.0

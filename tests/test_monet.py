@@ -19,7 +19,7 @@ from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
 from latentkit.layout import IGNORE_INDEX, Kind, collate, inputs_embeds
 from latentkit.records import load_split
-from latentkit.registry import StageContext
+from latentkit.registry import StageContext, StageProgress
 from latentkit.segments import Sample, Segment
 from latentkit.synth.zoom import generate_synth_zoom
 from latentkit.train import TrainModule
@@ -169,7 +169,7 @@ def test_cosine_over_the_hidden_axis_and_the_official_token_axis():
 
 def distill_gradients(method: Monet, batch) -> dict[str, torch.Tensor]:
     method.backbone.model.zero_grad(set_to_none=True)
-    method.loss(method.backbone, batch, "distill").loss.backward()
+    method.loss(method.backbone, batch, "distill", StageProgress(0, 1)).loss.backward()
     return {n: p.grad.clone() for n, p in method.backbone.model.named_parameters() if p.grad is not None}
 
 

@@ -18,13 +18,21 @@ from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 
 MONET = ["--method", "monet", "method.num_latents=2", "data.synth.n_test=4"]
+# Per-stage settings: distill and latent run their own step counts, latent its own lr.
+STAGED = [
+    "train.steps=3",
+    "train.checkpoint_every=2",
+    "train.stages.distill.steps=4",
+    "train.stages.latent.steps=2",
+    "train.stages.latent.lr=5e-4",
+]
 MARKER = "<abs_vis_token></abs_vis_token>"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    latentkit(*train_args(out, "monet", *MONET, "train.steps=3", "train.checkpoint_every=2"))
+    latentkit(*train_args(out, "monet", *MONET, *STAGED))
     return out / "monet"
 
 
@@ -40,8 +48,23 @@ def test_three_stages_and_their_artifacts(run):
         "stage": "latent",
     }
     assert events(run) == [("distill", "cache_built", "teacher"), ("latent", "cache_built", "targets")]
-    stages = [m["stage"] for m in metrics(run) if "loss" in m]
-    assert stages == ["warmup"] * 3 + ["distill"] * 3 + ["latent"] * 3
+    steps = [(m["stage"], m["step"]) for m in metrics(run) if "loss" in m]
+    assert steps == [("warmup", s) for s in (1, 2, 3)] + [("distill", s) for s in (1, 2, 3, 4)] + [
+        ("latent", s) for s in (1, 2)
+    ]
+    # Two warm-up steps: the lr after a stage's first step is its peak lr.
+    peak = {m["stage"]: m["lr"] for m in metrics(run) if m.get("step") == 1 and "lr" in m}
+    assert peak == {
+        "warmup": pytest.approx(2e-3),
+        "distill": pytest.approx(2e-3),
+        "latent": pytest.approx(5e-4),
+    }
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["stages"]
+    assert {stage: (saved[stage]["steps"], saved[stage]["lr"]) for stage in saved} == {
+        "warmup": (3, 2e-3),
+        "distill": (4, 2e-3),
+        "latent": (2, 5e-4),
+    }
     assert all("align" in m for m in metrics(run) if m.get("stage") in ("distill", "latent") and "loss" in m)
     for kind in ("teacher", "targets"):
         folder = run / "stages" / "distill" / kind
@@ -62,7 +85,7 @@ def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
         shutil.rmtree(path)
     teacher = copy / "stages" / "distill" / "teacher" / "manifest.json"
     built_at = teacher.stat().st_mtime_ns
-    latentkit(*train_args(tmp_path, "monet", *MONET, "train.steps=3", "train.checkpoint_every=2"), "--resume")
+    latentkit(*train_args(tmp_path, "monet", *MONET, *STAGED), "--resume")
     resumed = [m for m in metrics(copy) if m.get("event") == "resume"]
     assert resumed == [{"event": "resume", "stage": "distill", "step": 2}]
     assert ("distill", "cache_reused", "teacher") in events(copy)

@@ -3,7 +3,7 @@ import pytest
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection, TrainSection
 from latentkit.errors import ConfigError
-from latentkit.optim import build_optimizer, freeze_and_group
+from latentkit.optim import build_optimizer, freeze_and_group, trainable_parameters
 from latentkit.registry import get_method
 
 
@@ -18,7 +18,13 @@ def parts():
 
 def test_frozen_vision_and_per_module_learning_rates(parts):
     backbone, method = parts
-    groups = freeze_and_group(backbone, method, freeze=["vision"], module_lr={"lm_head": 0.5})
+    groups = freeze_and_group(
+        backbone,
+        method,
+        freeze=["vision"],
+        module_lr={"lm_head": 0.5},
+        trainable=trainable_parameters(backbone, method),
+    )
     assert "vision" not in groups
     assert not any(p.requires_grad for p in backbone.vision().parameters())
     optimizer = build_optimizer(groups, TrainSection(lr=0.1, module_lr={"lm_head": 0.5}, weight_decay=0.01))
@@ -35,7 +41,23 @@ def test_frozen_vision_and_per_module_learning_rates(parts):
 def test_unknown_group_and_nothing_to_train(parts):
     backbone, method = parts
     with pytest.raises(ConfigError, match="unknown module group 'visoin'.*vision"):
-        freeze_and_group(backbone, method, freeze=["visoin"], module_lr={})
-    groups = freeze_and_group(backbone, method, freeze=["vision", "embeddings", "language_model", "lm_head"], module_lr={})
+        freeze_and_group(backbone, method, freeze=["visoin"], module_lr={}, trainable=[])
+    everything = ["vision", "embeddings", "language_model", "lm_head"]
+    groups = freeze_and_group(backbone, method, everything, {}, trainable_parameters(backbone, method))
     with pytest.raises(ConfigError, match="nothing to train"):
         build_optimizer(groups, TrainSection())
+
+
+def test_a_later_stage_unfreezes_what_an_earlier_stage_froze(parts):
+    backbone, method = parts
+    vision = list(backbone.vision().parameters())
+    trainable = [p for p in trainable_parameters(backbone, method) if p is not backbone.lm_head.weight]
+    backbone.lm_head.weight.requires_grad_(False)  # frozen by construction (as LoRA freezes base weights)
+    first = freeze_and_group(backbone, method, ["vision"], {}, trainable)
+    assert "vision" not in first and not any(p.requires_grad for p in vision)
+    second = freeze_and_group(backbone, method, ["embeddings"], {}, trainable)
+    assert all(p.requires_grad for p in vision) and {id(p) for p in second["vision"]} == {
+        id(p) for p in vision
+    }
+    assert "embeddings" not in second and not backbone.decoder().embed_tokens.weight.requires_grad
+    assert not backbone.lm_head.weight.requires_grad  # never made trainable by a stage

@@ -22,7 +22,16 @@ FAMILIES: dict[str, type[Backbone]] = {
 }
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl"}
 
-__all__ = ["FAMILIES", "PRESETS", "Backbone", "BackboneOutput", "ChatFormat", "ImageInput", "build_backbone"]
+__all__ = [
+    "FAMILIES",
+    "PRESETS",
+    "Backbone",
+    "BackboneOutput",
+    "ChatFormat",
+    "ImageInput",
+    "build_backbone",
+    "load_auxiliary_model",
+]
 
 
 def _model_class(family: str):
@@ -45,7 +54,9 @@ def _family_of_checkpoint(path: Path) -> str:
         return json.loads(marker.read_text())["family"]
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{path} holds no config.json: pass a local HF-format checkpoint directory as model.path")
+        raise CheckpointError(
+            f"{path} holds no config.json: pass a local HF-format checkpoint directory as model.path"
+        )
     model_type = json.loads(config_file.read_text()).get("model_type", "")
     return _MODEL_TYPES.get(model_type, "causal_lm")
 
@@ -97,7 +108,9 @@ def load_checkpoint(path: Path, section: ModelSection, family: str | None = None
     """A backbone from a local HF-format directory (never the hub)."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"model.path {path} is not a directory: pass a local HF-format checkpoint directory")
+        raise CheckpointError(
+            f"model.path {path} is not a directory: pass a local HF-format checkpoint directory"
+        )
     family = family or _family_of_checkpoint(path)
     dtype = getattr(torch, section.dtype)
     model = _model_class(family).from_pretrained(path, local_files_only=True, dtype=dtype)
@@ -114,3 +127,14 @@ def load_checkpoint(path: Path, section: ModelSection, family: str | None = None
     backbone = _wrap(family, model, tokenizer, section, image_processor)
     backbone.source = str(path)
     return backbone
+
+
+def load_auxiliary_model(path: Path, key: str, dtype: str = "float32") -> torch.nn.Module:
+    """An HF model from a local directory (e.g. a DINOv2 or SigLIP vision encoder) for `Method.add_auxiliary`;
+    `key` is the config key that named the path."""
+    from transformers import AutoModel
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{key}={path} holds no config.json: pass a local HF-format model directory")
+    return AutoModel.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))

@@ -100,5 +100,6 @@ def load_eval_model(
         method.modules.load_state_dict(load_file(str(model_dir / METHOD_MODULES_FILE)))
     backbone.model.eval()
     method.modules.eval()
+    method.auxiliaries.to(backbone.device)
     fingerprint = model_fingerprint(model_dir, run_dir)
     return EvalModel(backbone, method, config, model_dir, run_dir, saved.get("stage"), fingerprint)

@@ -26,7 +26,7 @@ from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_lat
 from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
-from latentkit.registry import LossOutput, Method, StageContext, register_method
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress, register_method
 from latentkit.segments import Sample
 
 TEACHER = "teacher"
@@ -135,7 +135,7 @@ class Monet(Method):
         return _gather(out.hidden_states, layouts, _slot_index)
 
     # --- losses -------------------------------------------------------------------------------------------
-    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
         if stage == "warmup":
             return sft_loss(self, backbone, batch, stage)
         if stage == "distill":

@@ -14,7 +14,7 @@ from latentkit.chat import ResponseWeights, drop_aux_image, inline_aux_image, re
 from latentkit.config import StrictModel
 from latentkit.layout import Batch, Layout, LayoutBuilder, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, register_method
+from latentkit.registry import LossOutput, Method, StageProgress, register_method
 from latentkit.segments import Sample
 
 
@@ -27,7 +27,9 @@ class SFTConfig(StrictModel):
 
 def sft_layout(backbone: Backbone, sample: Sample, config: SFTConfig, prompt_only: bool = False) -> Layout:
     builder = LayoutBuilder(backbone)
-    weights = ResponseWeights(config.observation_weight, config.observation_tags, config.train_observation_tags)
+    weights = ResponseWeights(
+        config.observation_weight, config.observation_tags, config.train_observation_tags
+    )
     on_aux_image = inline_aux_image if config.aux_images else drop_aux_image
     render_chat(builder, sample, on_aux_image, weights, prompt_only=prompt_only)
     return builder.build(sample.sample_id)
@@ -35,7 +37,9 @@ def sft_layout(backbone: Backbone, sample: Sample, config: SFTConfig, prompt_onl
 
 def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
     hidden = backbone.forward(inputs_embeds(backbone, batch), batch.position_ids, method.mask(batch, stage))
-    loss, targets = weighted_next_token_ce(backbone, hidden.last_hidden_state, batch.labels, batch.loss_weight)
+    loss, targets = weighted_next_token_ce(
+        backbone, hidden.last_hidden_state, batch.labels, batch.loss_weight
+    )
     return LossOutput(loss, {"target_tokens": float(targets)})
 
 
@@ -52,5 +56,5 @@ class SFT(Method):
     def layout(self, sample: Sample, stage: str) -> Layout:
         return sft_layout(self.backbone, sample, self.config)
 
-    def loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
         return sft_loss(self, backbone, batch, stage)
