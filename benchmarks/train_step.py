@@ -1,4 +1,4 @@
-"""Trainer overhead benchmark: `latentkit.train.train` beside a bare training loop, tiny default on CPU.
+"""Trainer overhead benchmark: `latentkit.trainer.train` beside a bare training loop, tiny default on CPU.
 
 Usage:
     python benchmarks/train_step.py                       # trainer vs bare loop (each in its own subprocess)
@@ -17,9 +17,9 @@ clipping, optimizer and scheduler step and zero_grad. For the trainer it also in
 loop does per step with `log_every=1`: the DataLoader iterator, `batch.to(device)`, `float(loss)` and the
 metrics dict, `accelerator.reduce`, the `metrics.jsonl` write, the progress-bar bookkeeping (bar disabled).
 
-  * trainer: the real `train(config)` runs in-process; `latentkit.train._log` is wrapped (by this script,
+  * trainer: the real `train(config)` runs in-process; `latentkit.trainer._log` is wrapped (by this script,
     not in the library) to take a `time.perf_counter()` stamp right after each step's record is written,
-    and `latentkit.train._loop` is wrapped to stamp the loop start. Step k's time is stamp[k] - stamp[k-1].
+    and `latentkit.trainer._loop` is wrapped to stamp the loop start. Step k's time is stamp[k] - stamp[k-1].
     The trainer's own `step_time` from metrics.jsonl is reported too ("in-loop"): it starts before
     `next(batches)` (so batch construction is inside it) and stops after `accelerator.reduce`, i.e. it
     excludes only the JSON write and the end-of-iteration checks.
@@ -90,7 +90,7 @@ def dir_size_mib(path: Path) -> float:
 
 
 def run_trainer(output_dir: Path, total_steps: int, batch_size: int) -> dict:
-    import latentkit.train as trainer
+    import latentkit.trainer as trainer
 
     config = tiny_config(output_dir, total_steps, batch_size)
     stamps: dict[int, tuple[float, float]] = {}
@@ -152,7 +152,7 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     from latentkit.data import load_training_records
     from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group, trainable_parameters
     from latentkit.registry import StageProgress, get_method
-    from latentkit.train import LayoutDataset, micro_batch_schedule
+    from latentkit.trainer import LayoutDataset, micro_batch_schedule
 
     config = tiny_config(output_dir, total_steps, batch_size)
     train_cfg = config.train

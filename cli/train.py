@@ -17,7 +17,7 @@ def train_command(
     """Train a method. With no config: the tiny Qwen2.5-VL preset on the embedded synthetic task."""
     from latentkit.config import build_config, raw_config
     from latentkit.registry import get_method
-    from latentkit.train import train
+    from latentkit.trainer import train
 
     extra = list(overrides or [])
     if method is not None:

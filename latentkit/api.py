@@ -45,7 +45,7 @@ def train(
 ) -> Path:
     """Train every stage (or `train.stage`) and return the run directory, e.g.
     `latentkit.train({"run": {"method": "monet"}}, ["train.steps=20"])`."""
-    from latentkit.train import train as run_training
+    from latentkit.trainer import train as run_training
 
     return run_training(resolve_config(config, overrides), resume=resume)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "latentkit.methods"
 BUILTIN_MODULES = ("latentkit.methods.sft", "latentkit.methods.monet")
+
+
+StageKind = Literal["supervised", "rl"]
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Method(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
     stages: ClassVar[tuple[str, ...]]
+    # Stages that are not supervised (today's loop), e.g. {"vlpo": "rl"}; the trainer runs each with its kind's loop.
+    stage_kinds: ClassVar[dict[str, StageKind]] = {}
 
     def __init__(self, config: BaseModel):
         self.config = config
@@ -83,6 +88,10 @@ class Method(ABC):
     def setup(self, backbone: Backbone) -> None:
         """Add tokens and build owned modules; called once, before any layout."""
         self.backbone = backbone
+
+    @classmethod
+    def stage_kind(cls, stage: str) -> StageKind:
+        return cls.stage_kinds.get(stage, "supervised")
 
     def add_auxiliary(self, name: str, module: nn.Module) -> nn.Module:
         """Declare a frozen auxiliary module (in eval mode, without gradients); the trainer moves it to its device."""

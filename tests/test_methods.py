@@ -20,7 +20,7 @@ from latentkit.optim import freeze_and_group, trainable_parameters
 from latentkit.records import load_split
 from latentkit.registry import StageContext, StageProgress, get_method, list_methods
 from latentkit.synth.zoom import generate_synth_zoom
-from latentkit.train import TrainModule
+from latentkit.trainer import TrainModule
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from latentkit.records import load_split
 from latentkit.registry import StageContext, StageProgress
 from latentkit.segments import Sample, Segment
 from latentkit.synth.zoom import generate_synth_zoom
-from latentkit.train import TrainModule
+from latentkit.trainer import TrainModule
 
 K = 3
 

@@ -16,7 +16,7 @@ from helpers import REPO, final_weights, latentkit, metrics, train_args
 
 from latentkit.config import TrainSection
 from latentkit.optim import lr_factor
-from latentkit.train import micro_batch_schedule
+from latentkit.trainer import micro_batch_schedule
 
 pytestmark = pytest.mark.slow
 

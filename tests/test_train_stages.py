@@ -24,7 +24,7 @@ from latentkit.layout import inputs_embeds
 from latentkit.losses import weighted_next_token_ce
 from latentkit.optim import build_optimizer, freeze_and_group, trainable_parameters
 from latentkit.registry import LossOutput, StageProgress
-from latentkit.train import train
+from latentkit.trainer import train
 
 pytestmark = pytest.mark.slow
 
@@ -91,9 +91,15 @@ class AuxProbe(SFT):
         return LossOutput(out.loss + self.modules["head"](features).pow(2).mean(), out.metrics)
 
 
+class ThenRL(TwoStages):
+    """Its second stage is an RL stage: a kind this trainer has no loop for yet."""
+
+    stage_kinds: ClassVar[dict[str, str]] = {"second": "rl"}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def test_methods():
-    names = {"two-stages": TwoStages, "aux-probe": AuxProbe}
+    names = {"two-stages": TwoStages, "aux-probe": AuxProbe, "then-rl": ThenRL}
     for name, cls in names.items():
         registry._add(name, cls, f"{__name__}:{cls.__qualname__}")
     yield
@@ -240,3 +246,12 @@ def test_auxiliaries_stay_out_of_the_optimizer_and_bad_paths_name_the_key(tmp_pa
     assert not optimized & {id(p) for p in method.auxiliaries.parameters()}
     with pytest.raises(CheckpointError, match="method.encoder_path=.*no config.json"):
         load_auxiliary_model(tmp_path / "absent", "method.encoder_path")
+
+
+def test_a_stage_kind_without_a_loop_is_refused_before_training(tmp_path):
+    assert ThenRL.stage_kind("first") == "supervised" and ThenRL.stage_kind("second") == "rl"
+    with pytest.raises(ConfigError, match="'second' of then-rl is a 'rl' stage"):
+        train(config(tmp_path, "then-rl", "both", "train.steps=1"))
+    assert not (tmp_path / "both").exists()  # refused before anything was written
+    run = train(config(tmp_path, "then-rl", "first-only", "train.steps=1", "train.stage=first"))
+    assert (run / "stages" / "first" / "final").is_dir()

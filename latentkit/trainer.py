@@ -204,6 +204,13 @@ def _train(config: LatentkitConfig, resume: bool) -> Path:
 
     method_cls = get_method(config.run.method)
     stages = list(method_cls.stages)
+    for stage in stages:
+        kind = method_cls.stage_kind(stage)
+        if kind not in STAGE_LOOPS and config.train.stage in (None, stage):
+            raise ConfigError(
+                f"stage {stage!r} of {config.run.method} is a {kind!r} stage and this trainer has loops for "
+                f"{', '.join(STAGE_LOOPS)} stages only; run the other stages with train.stage=..."
+            )
     config = config.model_copy(update={"train": resolve_stages(config.train, config.run.method, stages)})
     precision = {stage: effective_train(config.train, stage).mixed_precision for stage in stages}
     fp16 = [stage for stage in stages if precision[stage] == "fp16"]
@@ -269,7 +276,7 @@ def _train(config: LatentkitConfig, resume: bool) -> Path:
     for stage_index, stage in enumerate(stages):
         if config.train.stage is not None and stage != config.train.stage:
             continue
-        _run_stage(run, accelerator, module, records.samples, stage, stage_index)
+        STAGE_LOOPS[method_cls.stage_kind(stage)](run, accelerator, module, records.samples, stage, stage_index)
     if accelerator.is_main_process:
         last = config.train.stage or stages[-1]
         publish_copy(directory / "stages" / last / "final", directory / "final")
@@ -282,6 +289,7 @@ def _train(config: LatentkitConfig, resume: bool) -> Path:
 def _run_stage(
     run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
 ) -> None:
+    """A supervised stage: the method's layouts and loss over the training samples."""
     config, train_cfg = run.config, effective_train(run.config.train, stage)
     stage_dir = run.directory / "stages" / stage
     if (stage_dir / "final").is_dir():
@@ -430,3 +438,8 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
         accelerator.log(
             {f"{record['stage']}/{k}": v for k, v in record.items() if k not in ("stage", "step")}
         )
+
+
+StageLoop = Callable[[Run, Any, nn.Module, list[Sample], str, int], None]
+# One training loop per stage kind (DESIGN.md, "Trainer"); the RL loop joins as "rl".
+STAGE_LOOPS: dict[str, StageLoop] = {"supervised": _run_stage}
