@@ -60,7 +60,7 @@ class _Row:
     prompt_next: int
     head: str = LM_HEAD
     finished: bool = False
-    feed: torch.Tensor | None = None  # [n, D] to feed this step
+    feed: torch.Tensor | int | None = None  # vectors [n, D] or a token id to feed this step
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -166,7 +166,7 @@ def _apply(backbone, row: _Row, step: Step, proposal: Proposal, valid, eos: set[
         ):
             row.finished, trajectory.finish_reason = True, "stop"
         else:
-            row.feed = backbone.embed(torch.tensor([action.id], device=backbone.device))
+            row.feed = action.id
     else:
         vectors = action.vectors.reshape(-1, action.vectors.shape[-1])
         for j in range(vectors.shape[0]):
@@ -196,6 +196,11 @@ def _record(row: _Row, token: int, kind: int, log_prob: float, is_action: bool, 
 
 def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
     """One forward over every row's queued inputs, left-padded to the longest; returns (output, validity)."""
+    token_rows = [row for row in rows if isinstance(row.feed, int)]
+    if token_rows:  # one embedding lookup for every row that feeds a token
+        ids = torch.tensor([row.feed for row in token_rows], device=valid.device)
+        for row, embedded in zip(token_rows, backbone.embed(ids)):
+            row.feed = embedded[None]
     size = len(rows)
     width = max(row.feed.shape[0] for row in rows if row.feed is not None)
     device = valid.device
