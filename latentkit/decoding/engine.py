@@ -201,29 +201,31 @@ def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
         ids = torch.tensor([row.feed for row in token_rows], device=valid.device)
         for row, embedded in zip(token_rows, backbone.embed(ids)):
             row.feed = embedded[None]
-    size = len(rows)
-    width = max(row.feed.shape[0] for row in rows if row.feed is not None)
-    device = valid.device
-    chunk = torch.zeros(size, width, backbone.hidden_size, dtype=dtype, device=device)
-    positions = torch.zeros(size, width, dtype=torch.long, device=device)
-    new_valid = torch.zeros(size, width, dtype=torch.bool, device=device)
-    names = sorted({name for row in rows for name in row.extras})
-    extras = {name: torch.zeros(size, width, dtype=torch.long, device=device) for name in names}
-    base = valid.shape[1]
-    for row in rows:
-        if row.feed is None:
-            continue
+    feeding = [row for row in rows if row.feed is not None]
+    size, width, device = len(rows), max(row.feed.shape[0] for row in feeding), valid.device
+    # Built as Python lists and turned into tensors once: per-row tensor writes dominate a small model's step.
+    position_rows = [[0] * width for _ in range(size)]
+    valid_rows = [[False] * width for _ in range(size)]
+    extra_rows: dict[str, list[list[int | float]]] = {}
+    extra_dtypes: dict[str, torch.dtype] = {}
+    blocks, base = [], valid.shape[1]
+    for row in feeding:
         count = row.feed.shape[0]
         pad = width - count
-        chunk[row.index, pad:] = row.feed.to(dtype)
+        blocks.append(row.feed if pad == 0 else torch.cat([row.feed.new_zeros(pad, row.feed.shape[1]), row.feed]))
         first_position = row.trajectory.positions[-count]
-        positions[row.index, pad:] = torch.arange(first_position, first_position + count, device=device)
-        new_valid[row.index, pad:] = True
+        position_rows[row.index][pad:] = range(first_position, first_position + count)
+        valid_rows[row.index][pad:] = [True] * count
         for name, values in row.extras.items():
-            extras[name] = extras[name].to(values.dtype)
-            extras[name][row.index, pad:] = values.to(device)
+            extra_dtypes[name] = values.dtype
+            extra_rows.setdefault(name, [[0] * width for _ in range(size)])[row.index][pad:] = values.tolist()
         row.columns.extend(range(base + pad, base + width))
         row.feed, row.extras = None, {}
+    chunk = torch.zeros(size, width, backbone.hidden_size, dtype=dtype, device=device)
+    chunk[torch.tensor([row.index for row in feeding], device=device)] = torch.stack(blocks).to(dtype)
+    positions = torch.tensor(position_rows, device=device)
+    new_valid = torch.tensor(valid_rows, device=device)
+    extras = {name: torch.tensor(v, dtype=extra_dtypes[name], device=device) for name, v in extra_rows.items()}
     valid = torch.cat([valid, new_valid], dim=1)
     if mrope:
         positions = positions[None].expand(3, size, width)
