@@ -62,13 +62,20 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
 
         def one_at_a_time() -> list:
-            return [generate(backbone, [method.prompt(s).build(s.sample_id)], params)[0] for s in samples]
+            return [
+                generate(backbone, [method.prompt(s).build(s.sample_id, s.dataset)], params)[0]
+                for s in samples
+            ]
 
         def batched() -> list:
             out = []
             for start in range(0, len(samples), args.batch_size):
                 chunk = samples[start : start + args.batch_size]
-                out.extend(generate(backbone, [method.prompt(s).build(s.sample_id) for s in chunk], params))
+                out.extend(
+                    generate(
+                        backbone, [method.prompt(s).build(s.sample_id, s.dataset) for s in chunk], params
+                    )
+                )
             return out
 
         results = {}

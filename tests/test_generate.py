@@ -52,7 +52,9 @@ def make_samples(tmp: Path, with_images: bool) -> list[Sample]:
 def prompts(backbone: Backbone, tmp: Path) -> list[Layout]:
     method = get_method("sft")(get_method("sft").Config())
     method.setup(backbone)
-    return [method.prompt(s).build(s.sample_id) for s in make_samples(tmp, backbone.supports_images)]
+    return [
+        method.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp, backbone.supports_images)
+    ]
 
 
 def test_batched_greedy_equals_one_at_a_time(backbone, tmp_path):

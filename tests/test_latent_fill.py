@@ -44,7 +44,7 @@ def layout_with(backbone, images, texts: list[str], ks: list[int]):
         builder.add_image(aux, Kind.AUX_IMAGE, index)
         builder.add_latent(*TOKENS, k=k, segment_index=index)
         builder.add_text(texts[index], Kind.TEXT, index)
-    return builder.build(f"s{len(ks)}")
+    return builder.build(f"s{len(ks)}", "test")
 
 
 def stage2_blocks(layout):

@@ -56,7 +56,7 @@ def latent_layout(backbone: Backbone, sample: Sample, config: MonetConfig, keep_
         config.observation_weight, config.observation_tags, config.train_observation_tags
     )
     render_chat(builder, sample, on_aux_image, weights)
-    return builder.build(sample.sample_id)
+    return builder.build(sample.sample_id, sample.dataset)
 
 
 def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
@@ -87,7 +87,3 @@ def observation_positions(layout: Layout, close_tag_id: int) -> torch.Tensor:
     """From each `<observation>` token up to, not including, `</observation>` (the teacher's positions)."""
     is_observation = (layout.kinds == int(Kind.OBSERVATION)) & (layout.input_ids != close_tag_id)
     return is_observation.nonzero().squeeze(-1)
-
-
-def latent_slot_positions(layout: Layout) -> list[int]:
-    return [p for latent in layout.latents for p in range(latent.start + 1, latent.end)]

@@ -27,15 +27,19 @@ class SFTConfig(StrictModel):
 
 def sft_layout(backbone: Backbone, sample: Sample, config: SFTConfig, prompt_only: bool = False) -> Layout:
     builder = LayoutBuilder(backbone)
-    weights = ResponseWeights(config.observation_weight, config.observation_tags, config.train_observation_tags)
+    weights = ResponseWeights(
+        config.observation_weight, config.observation_tags, config.train_observation_tags
+    )
     on_aux_image = inline_aux_image if config.aux_images else drop_aux_image
     render_chat(builder, sample, on_aux_image, weights, prompt_only=prompt_only)
-    return builder.build(sample.sample_id)
+    return builder.build(sample.sample_id, sample.dataset)
 
 
 def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
     hidden = backbone.forward(inputs_embeds(backbone, batch), batch.position_ids, method.mask(batch, stage))
-    loss, targets = weighted_next_token_ce(backbone, hidden.last_hidden_state, batch.labels, batch.loss_weight)
+    loss, targets = weighted_next_token_ce(
+        backbone, hidden.last_hidden_state, batch.labels, batch.loss_weight
+    )
     return LossOutput(loss, {"target_tokens": float(targets)})
 
 
