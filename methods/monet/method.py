@@ -19,7 +19,7 @@ from latentkit.latent import FilledLatents, LatentStep, LatentTokens, fill_laten
 from latentkit.layout import Batch, Layout, collate, inputs_embeds, latent_slot_positions
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
-from latentkit.registry import LossOutput, Method, StageContext, register_method
+from latentkit.registry import LossOutput, Method, StageContext
 from latentkit.representation_cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
 from latentkit.segments import Sample
 
@@ -27,7 +27,6 @@ TEACHER = "teacher"
 TARGETS = "targets"
 
 
-@register_method("monet")
 class Monet(Method):
     Config = MonetConfig
     stages = ("warmup", "distill", "latent")

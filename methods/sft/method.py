@@ -14,7 +14,7 @@ from latentkit.chat import ResponseWeights, drop_aux_image, inline_aux_image, re
 from latentkit.config import StrictModel
 from latentkit.layout import Batch, Layout, LayoutBuilder, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, register_method
+from latentkit.registry import LossOutput, Method
 from latentkit.segments import Sample
 
 
@@ -43,7 +43,6 @@ def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> Lo
     return LossOutput(loss, {"target_tokens": float(targets)})
 
 
-@register_method("sft")
 class SFT(Method):
     Config = SFTConfig
     stages = ("sft",)
