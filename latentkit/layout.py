@@ -65,10 +65,8 @@ def kind_name(code: int) -> str:
     code = int(code)
     if code in _method_kinds:
         return _method_kinds[code]
-    try:
+    if code in {int(kind) for kind in Kind}:
         return Kind(code).name.lower()
-    except ValueError:
-        pass
     raise RegistryError(f"no segment kind has code {code}; a method must register_kind its kinds before use")
 
 
