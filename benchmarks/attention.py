@@ -38,7 +38,7 @@ import torch
 from latentkit.kernels.dispatch import attend, prepare_mask
 from latentkit.kernels.reference import reference_masked_attention
 
-from latentkit.masks import MaskSpec, causal_mask, monet_stage2, packed_documents, with_padding
+from latentkit.masks import MaskSpec, causal_mask, hide_spans_outside_latents, packed_documents, with_padding
 
 MASKS = ("causal", "monet", "packed")
 IMPLEMENTATIONS = ("sdpa-dense", "flex", "flash-attn", "triton")
@@ -79,7 +79,9 @@ def build_mask(kind: str, batch: int, num_keys: int, image_fraction: float, seed
     if kind == "causal":
         return causal_mask(batch, num_keys)
     if kind == "monet":
-        return monet_stage2([monet_blocks(num_keys, image_fraction, rng) for _ in range(batch)], num_keys)
+        return hide_spans_outside_latents(
+            [monet_blocks(num_keys, image_fraction, rng) for _ in range(batch)], num_keys
+        )
     return packed_documents([document_lengths(num_keys, rng) for _ in range(batch)], num_keys)
 
 

@@ -92,13 +92,15 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
 
         def one_at_a_time() -> list:
-            return [decode(backbone, [method.prompt(s).build(s.sample_id)], params)[0] for s in samples]
+            return [decode(backbone, [method.prompt(s).build(s.sample_id, s.dataset)], params)[0] for s in samples]
 
         def batched() -> list:
             out = []
             for start in range(0, len(samples), args.batch_size):
                 chunk = samples[start : start + args.batch_size]
-                out.extend(decode(backbone, [method.prompt(s).build(s.sample_id) for s in chunk], params))
+                out.extend(
+                    decode(backbone, [method.prompt(s).build(s.sample_id, s.dataset) for s in chunk], params)
+                )
             return out
 
         def batched_ids_only() -> list:
@@ -107,7 +109,7 @@ def main() -> None:
                 chunk = samples[start : start + args.batch_size]
                 out.extend(
                     ids_only(
-                        backbone, [method.prompt(s).build(s.sample_id) for s in chunk], args.max_new_tokens
+                        backbone, [method.prompt(s).build(s.sample_id, s.dataset) for s in chunk], args.max_new_tokens
                     )
                 )
             return out

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 from latentkit.methods.monet import Monet, MonetConfig
-from latentkit.methods.monet.layout import latent_slot_positions
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 from latentkit.latent import fill_latents_reference
-from latentkit.layout import collate, inputs_embeds
+from latentkit.layout import collate, inputs_embeds, latent_slot_positions
 from latentkit.records import load_split
 from latentkit.synth import get_synth_task
 

@@ -90,7 +90,7 @@ def dir_size_mib(path: Path) -> float:
 
 
 def run_trainer(output_dir: Path, total_steps: int, batch_size: int) -> dict:
-    import latentkit.trainer as trainer
+    from latentkit import trainer
 
     config = tiny_config(output_dir, total_steps, batch_size)
     stamps: dict[int, tuple[float, float]] = {}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
-import click
 import typer
 from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, generate, methods, train
+
+# typer >= 0.29 vendors click as typer._click (pyproject.toml pins the tested range)
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 app = typer.Typer(
     help="latentkit: train and compare latent-reasoning methods for vision-language models.",
@@ -31,22 +34,36 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2 (--debug shows the traceback)."""
+    """Entry point. A user error (a latentkit error, or a command line that does not parse: unknown command or
+    option, bad value, missing argument) prints one line on stderr and exits 2; --debug shows the traceback
+    of latentkit errors."""
     from latentkit.errors import LatentkitError
 
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         code = app(args=args, standalone_mode=False, prog_name="latentkit")
     except LatentkitError as exc:
         if "--debug" in args:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        _fail(str(exc))
+    except NoArgsIsHelpError as exc:  # a group without its command (`latentkit methods`): its help, exit 2
+        if exc.format_message():  # empty when typer's rich formatter has printed the help already
+            typer.echo(exc.format_message())
         raise SystemExit(2) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Abort:
-        raise SystemExit(130) from None
+    except UsageError as exc:
+        _fail(_usage_message(exc))
+    except typer.TyperException as exc:  # any other error typer's parser reports
+        _fail(" ".join(exc.format_message().split()))
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _usage_message(exc: UsageError) -> str:
+    """typer's message on one line, then where to look: `no such option: --bogus; see latentkit train --help`."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    return f"{message}; see {exc.ctx.command_path} --help" if exc.ctx is not None else message
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(2) from None

@@ -14,7 +14,7 @@ class DataError(LatentkitError):
 
 
 class RegistryError(LatentkitError):
-    """An unknown or duplicate method name."""
+    """An unknown, broken or duplicate method, or a segment kind name that is invalid or clashes."""
 
 
 class CheckpointError(LatentkitError):

@@ -1,9 +1,14 @@
 """Layouts: one sample as tokens, each carrying its segment kind and index, labels and loss weights, image
 and latent slots and position ids; and `Batch`, the right-padded collation of layouts.
+
+Segment kinds are the built-in `Kind` codes plus those methods register for themselves (`register_kind`);
+`kind_name` turns any code back into its name for display.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from pathlib import Path
@@ -12,7 +17,8 @@ import torch
 from PIL import Image
 
 from latentkit.backbone import Backbone, ImageInput
-from latentkit.errors import DataError
+from latentkit.errors import DataError, RegistryError
+from latentkit.segments import SampleKey
 
 IGNORE_INDEX = -100
 
@@ -28,10 +34,46 @@ class Kind(IntEnum):
     OBSERVATION = 4
 
 
+KIND_DTYPE = torch.int16  # per-token kinds: room for method kinds above the built-in codes
+FIRST_METHOD_KIND = 16
+_METHOD_KIND_COUNT = torch.iinfo(KIND_DTYPE).max + 1 - FIRST_METHOD_KIND
+_method_kinds: dict[int, str] = {}
+
+
+def register_kind(name: str) -> int:
+    """A method's own segment kind (e.g. "code"), usable wherever a `Kind` is; returns its code.
+
+    The code (>= FIRST_METHOD_KIND) is derived from the name, so it is the same in every process and run;
+    registering a name again returns the same code. Two names that hash to one code are an error.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise RegistryError(f"segment kind name {name!r} is invalid; use lower-case letters, digits and _")
+    if name.upper() in Kind.__members__:
+        raise RegistryError(f"segment kind {name!r} is built in; use Kind.{name.upper()} instead")
+    digest = hashlib.sha256(name.encode()).digest()
+    code = FIRST_METHOD_KIND + int.from_bytes(digest[:8], "big") % _METHOD_KIND_COUNT
+    owner = _method_kinds.setdefault(code, name)
+    if owner != name:
+        raise RegistryError(
+            f"segment kind {name!r} gets code {code}, which {owner!r} already has; rename one"
+        )
+    return code
+
+
+def kind_name(code: int) -> str:
+    """The name of a built-in or registered segment kind code ("text", "aux_image", "pad", "code", ...)."""
+    code = int(code)
+    if code in _method_kinds:
+        return _method_kinds[code]
+    if code in {int(kind) for kind in Kind}:
+        return Kind(code).name.lower()
+    raise RegistryError(f"no segment kind has code {code}; a method must register_kind its kinds before use")
+
+
 @dataclass(frozen=True)
 class ImageSlot:
     image: ImageInput
-    kind: Kind  # IMAGE or AUX_IMAGE
+    kind: int  # Kind.IMAGE, Kind.AUX_IMAGE or a registered kind
     start: int  # first image token (after the vision-start token)
     end: int  # one past the last image token
     segment_index: int
@@ -55,9 +97,10 @@ class EmbeddingSlot:
 
 @dataclass
 class Layout:
+    dataset: str
     sample_id: str
     input_ids: torch.Tensor  # long [N]
-    kinds: torch.Tensor  # int8 [N], Kind values
+    kinds: torch.Tensor  # KIND_DTYPE [N]: Kind values or registered kind codes
     segment_index: torch.Tensor  # int32 [N]
     labels: torch.Tensor  # long [N]: the token's own id where it is a training target, else IGNORE_INDEX
     loss_weight: torch.Tensor  # float [N]
@@ -68,6 +111,15 @@ class Layout:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def key(self) -> SampleKey:
+        return (self.dataset, self.sample_id)
+
+
+def latent_slot_positions(layout: Layout) -> list[int]:
+    """Positions of the K slots of every latent block, in order (start and end tokens excluded)."""
+    return [p for latent in layout.latents for p in range(latent.start + 1, latent.end)]
 
 
 @dataclass
@@ -85,8 +137,10 @@ class LayoutBuilder:
     embeddings: list[EmbeddingSlot] = field(default_factory=list)
 
     def add_ids(
-        self, ids: list[int], kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+        self, ids: list[int], kind: int, segment_index: int, train: bool = False, weight: float = 1.0
     ) -> None:
+        """`kind`: a `Kind` or a code from `register_kind`."""
+        kind_name(kind)  # an unregistered code is refused here, not found later in a mask or a metric
         self.ids.extend(ids)
         self.kinds.extend([int(kind)] * len(ids))
         self.segments.extend([segment_index] * len(ids))
@@ -94,16 +148,16 @@ class LayoutBuilder:
         self.weights.extend([weight if train else 0.0] * len(ids))
 
     def add_text(
-        self, text: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+        self, text: str, kind: int, segment_index: int, train: bool = False, weight: float = 1.0
     ) -> None:
         self.add_ids(self.backbone.encode_text(text), kind, segment_index, train, weight)
 
     def add_token(
-        self, token: str, kind: Kind, segment_index: int, train: bool = False, weight: float = 1.0
+        self, token: str, kind: int, segment_index: int, train: bool = False, weight: float = 1.0
     ) -> None:
         self.add_ids([self.backbone.token_id(token)], kind, segment_index, train, weight)
 
-    def add_image(self, path: Path, kind: Kind, segment_index: int, start_is_target: bool = False) -> None:
+    def add_image(self, path: Path, kind: int, segment_index: int, start_is_target: bool = False) -> None:
         """vision-start, one placeholder per merged patch, vision-end; only vision-start can be a target."""
         try:
             with Image.open(path) as image:
@@ -134,19 +188,21 @@ class LayoutBuilder:
         self.add_token(end_token, Kind.LATENT, segment_index, train=train_end)
         self.latents.append(LatentSlot(start, len(self.ids) - 1, segment_index))
 
-    def add_embeddings(self, vectors: torch.Tensor, segment_index: int, kind: Kind = Kind.TEXT) -> None:
+    def add_embeddings(self, vectors: torch.Tensor, segment_index: int, kind: int = Kind.TEXT) -> None:
         """Continuous vectors [n, D] as n positions (the pad token's id stands for them in `input_ids`)."""
         vectors = vectors.reshape(-1, vectors.shape[-1])
         start = len(self.ids)
         self.add_ids([self.backbone.token_id(self.backbone.chat.pad)] * vectors.shape[0], kind, segment_index)
         self.embeddings.append(EmbeddingSlot(start, vectors, segment_index))
 
-    def build(self, sample_id: str) -> Layout:
+    def build(self, sample_id: str, dataset: str) -> Layout:
+        """The layout of sample `sample_id` of `dataset` (together the sample's key)."""
         input_ids = torch.tensor(self.ids, dtype=torch.long)
         return Layout(
+            dataset=dataset,
             sample_id=sample_id,
             input_ids=input_ids,
-            kinds=torch.tensor(self.kinds, dtype=torch.int8),
+            kinds=torch.tensor(self.kinds, dtype=KIND_DTYPE),
             segment_index=torch.tensor(self.segments, dtype=torch.int32),
             labels=torch.tensor(self.labels, dtype=torch.long),
             loss_weight=torch.tensor(self.weights, dtype=torch.float32),
@@ -159,7 +215,7 @@ class LayoutBuilder:
 
 @dataclass
 class Batch:
-    sample_ids: list[str]
+    keys: list[SampleKey]  # (dataset, sample_id) per row
     input_ids: torch.Tensor  # [B, N], right-padded
     kinds: torch.Tensor  # [B, N], Kind.PAD on padding
     segment_index: torch.Tensor  # [B, N]
@@ -203,9 +259,9 @@ def collate(layouts: list[Layout], pad_id: int) -> Batch:
         valid[row, : len(layout)] = True
     images = [slot.image for layout in layouts for slot in layout.images]
     return Batch(
-        sample_ids=[layout.sample_id for layout in layouts],
+        keys=[layout.key for layout in layouts],
         input_ids=padded("input_ids", pad_id, torch.long),
-        kinds=padded("kinds", int(Kind.PAD), torch.int8),
+        kinds=padded("kinds", int(Kind.PAD), KIND_DTYPE),
         segment_index=padded("segment_index", -1, torch.int32),
         labels=padded("labels", IGNORE_INDEX, torch.long),
         loss_weight=padded("loss_weight", 0.0, torch.float32),

@@ -20,7 +20,7 @@ __all__ = [
     "MaskSpec",
     "causal_mask",
     "full_mask",
-    "monet_stage2",
+    "hide_spans_outside_latents",
     "packed_documents",
     "with_padding",
 ]
@@ -143,30 +143,30 @@ def packed_documents(
     return with_padding(MaskSpec(causal, intervals), valid).to(device)
 
 
-def monet_stage2(
+def hide_spans_outside_latents(
     blocks: list[list[tuple[int, int, int, int]]],
     num_keys: int,
     key_is_valid: torch.Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> MaskSpec:
-    """Monet stage-2 controlled attention (causal).
+    """Causal attention in which each span is seen after itself only by its latent block.
 
-    ``blocks[b]`` lists (image_start, image_end, latent_start, latent_end) half-open spans of each
-    auxiliary image and its latent block, in sequence order. The image's columns are hidden from rows
-    [image_end, latent_start) and [latent_end, Nk): the latent block sees the image, later rows see it
-    only through the latents. The image's own rows see it causally (spec Decision).
+    ``blocks[b]`` lists (span_start, span_end, latent_start, latent_end) half-open spans of sample b, in
+    sequence order, each span followed by the latent block that stands for it. A span's key columns are
+    hidden from rows [span_end, latent_start) and [latent_end, Nk): its own rows see it causally, its latent
+    block sees it, and every row after the block sees it only through the latents.
     """
     intervals = _empty(len(blocks), num_keys)
     for b, sample_blocks in enumerate(blocks):
         previous_end = 0
-        for i, (img_s, img_e, lat_s, lat_e) in enumerate(sample_blocks):
-            if not previous_end <= img_s < img_e <= lat_s < lat_e <= num_keys:
+        for i, (span_s, span_e, lat_s, lat_e) in enumerate(sample_blocks):
+            if not previous_end <= span_s < span_e <= lat_s < lat_e <= num_keys:
                 raise ValueError(
-                    f"monet_stage2: sample {b}, block {i} has spans image [{img_s}, {img_e}), latent "
-                    f"[{lat_s}, {lat_e}); need {previous_end} <= image_start < image_end <= latent_start "
+                    f"hide_spans_outside_latents: sample {b}, block {i} has span [{span_s}, {span_e}), latent "
+                    f"[{lat_s}, {lat_e}); need {previous_end} <= span_start < span_end <= latent_start "
                     f"< latent_end <= num_keys={num_keys} (blocks in order, non-overlapping)"
                 )
-            intervals[b, img_s:img_e] = torch.tensor([img_e, lat_s, lat_e, num_keys], dtype=torch.int32)
+            intervals[b, span_s:span_e] = torch.tensor([span_e, lat_s, lat_e, num_keys], dtype=torch.int32)
             previous_end = lat_e
     spec = MaskSpec(True, intervals)
     if key_is_valid is not None:

@@ -1,14 +1,14 @@
-"""Method registry: built-ins register with a decorator; third-party plugins through the entry-point group
-`latentkit.methods` (value: "package.module:MethodClass"), imported only when a method is asked for.
+"""Method registry: every method, built in or plugin, is an entry point of the group `latentkit.methods`
+(name = "package.module:MethodClass"); latentkit declares its own in its pyproject.toml. The entry-point name is
+the method's name. A method is imported only when asked for, or when all are listed.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, distributions
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from latentkit.segments import Sample
 
 ENTRY_POINT_GROUP = "latentkit.methods"
-BUILTIN_MODULES = ("latentkit.methods.sft", "latentkit.methods.monet")
+DISTRIBUTION = "latentkit"  # entry points of this distribution are the built-in methods
 
 
 StageKind = Literal["supervised", "rl"]
@@ -72,7 +72,7 @@ class StageContext:
 class Method(ABC):
     """A latent-reasoning method: config, ordered stages, tokens/modules it owns, layouts, masks and losses."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by the registry: the entry-point name
     Config: ClassVar[type[BaseModel]]
     stages: ClassVar[tuple[str, ...]]
     # Stages that are not supervised (today's loop), e.g. {"vlpo": "rl"}; the trainer runs each with its kind's loop.
@@ -159,98 +159,97 @@ class MethodInfo:
     name: str
     stages: tuple[str, ...]
     source: str
+    error: str | None = None  # why the method cannot be loaded (e.g. a plugin that fails to import)
 
 
-_registered: dict[str, tuple[type[Method], str]] = {}
-_builtins_loaded = False
+_registered: dict[str, type[Method]] = {}
 
 
-def _source_of(cls: type) -> str:
-    return f"{cls.__module__}:{cls.__qualname__}"
+def _is_builtin(point: EntryPoint) -> bool:
+    return point.dist is not None and point.dist.name == DISTRIBUTION
 
 
-def register_method(name: str):
-    """Class decorator: `@register_method("sft")`."""
+def _source(point: EntryPoint) -> str:
+    """A built-in method by its import path, any other as `plugin <import path>`."""
+    return point.value if _is_builtin(point) else f"plugin {point.value}"
 
-    def decorate(cls: type[Method]) -> type[Method]:
-        _add(name, cls, _source_of(cls))
-        return cls
 
-    return decorate
+def _entry_points() -> dict[str, EntryPoint]:
+    """Every distribution's entry points, not only the first of each name on sys.path: a stale
+    `latentkit.egg-info` in the working directory must not hide the installed metadata."""
+    found: dict[str, EntryPoint] = {}
+    for distribution in distributions():
+        for point in distribution.entry_points.select(group=ENTRY_POINT_GROUP):
+            first = found.setdefault(point.name, point)
+            if first.value != point.value:
+                sources = sorted(
+                    (_source(first), _source(point)), key=lambda source: source.startswith("plugin ")
+                )
+                raise RegistryError(
+                    f"method name {point.name!r} is registered twice: by {sources[0]} and by {sources[1]}; "
+                    "rename one"
+                )
+    if not any(map(_is_builtin, found.values())):
+        raise RegistryError(
+            f"no built-in method is installed (latentkit's {ENTRY_POINT_GROUP} entry points are missing): "
+            "reinstall latentkit, e.g. pip install -e ."
+        )
+    return found
+
+
+def _load(point: EntryPoint) -> type[Method]:
+    if point.name in _registered:
+        return _registered[point.name]
+    source = _source(point)
+    try:
+        cls = point.load()
+    except Exception as exc:  # a broken plugin is the plugin's error, reported in one line
+        raise RegistryError(f"method {point.name!r} ({source}) failed to import: {exc!r}") from exc
+    _add(point.name, cls, source)
+    return cls
 
 
 def _add(name: str, cls: Any, source: str) -> None:
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise RegistryError(f"method {name!r} from {source} is not a latentkit.registry.Method subclass")
-    existing = _registered.get(name)
-    if existing is not None and existing[0] is not cls:
-        raise RegistryError(
-            f"method name {name!r} is registered twice: by {existing[1]} and by {source}; rename one"
-        )
-    other_names = [
-        other for other, (registered, _) in _registered.items() if registered is cls and other != name
-    ]
+    other_names = [other for other, registered in _registered.items() if registered is cls and other != name]
     if other_names:
         raise RegistryError(
             f"{source} is already registered as {other_names[0]!r}; one class has one method name"
         )
     cls.name = name
-    _registered[name] = (cls, source)
+    _registered[name] = cls
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in BUILTIN_MODULES:
-            importlib.import_module(module)
-
-
-def _plugin_entry_points() -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        if point.name in found:
-            first = found[point.name]
-            raise RegistryError(
-                f"method name {point.name!r} is registered twice: by entry point {first.value} and by {point.value}"
-            )
-        found[point.name] = point
-    return found
-
-
-def _load_plugin(point: Any) -> None:
-    try:
-        cls = point.load()
-    except Exception as exc:  # a broken plugin is the plugin's error, reported in one line
-        raise RegistryError(
-            f"plugin method {point.name!r} ({point.value}) failed to import: {exc!r}"
-        ) from exc
-    existing = _registered.get(point.name)
-    if existing is None:
-        _add(point.name, cls, f"plugin {point.value}")
-    elif existing[0] is not cls:
-        raise RegistryError(
-            f"method name {point.name!r} is registered twice: by {existing[1]} and by plugin {point.value}; rename one"
-        )
+def register(name: str, cls: type[Method]) -> None:
+    """Register a method defined in this process (a notebook, a script, a test) under `name`. Installed
+    methods come from entry points; this one is known to this process only (not to `accelerate launch`)."""
+    point = _entry_points().get(name)
+    if point is not None:
+        raise RegistryError(f"method name {name!r} is already installed ({_source(point)}); pick another name")
+    if name in _registered and _registered[name] is not cls:
+        raise RegistryError(f"method name {name!r} is already registered in this process; pick another name")
+    _add(name, cls, f"{cls.__module__}:{cls.__qualname__}")
 
 
 def get_method(name: str) -> type[Method]:
-    _load_builtins()
-    plugins = _plugin_entry_points()
-    if name in plugins:
-        _load_plugin(plugins[name])
-    if name not in _registered:
-        valid = sorted({*_registered, *plugins})
-        raise RegistryError(
-            f"unknown method {name!r}; valid methods: {', '.join(valid)} (see latentkit methods list)"
-        )
-    return _registered[name][0]
+    points = _entry_points()
+    if name in points:
+        return _load(points[name])
+    if name in _registered:
+        return _registered[name]
+    valid = ", ".join(sorted({*points, *_registered}))
+    raise RegistryError(f"unknown method {name!r}; valid methods: {valid} (see latentkit methods list)")
 
 
 def list_methods() -> list[MethodInfo]:
-    _load_builtins()
-    for point in _plugin_entry_points().values():
-        _load_plugin(point)
-    return [
-        MethodInfo(name, tuple(cls.stages), source) for name, (cls, source) in sorted(_registered.items())
-    ]
+    """Every method; one that cannot be loaded is listed with its error rather than hiding the others."""
+    infos = []
+    for name, point in sorted(_entry_points().items()):
+        try:
+            cls = _load(point)
+        except RegistryError as exc:
+            infos.append(MethodInfo(name, (), _source(point), str(exc)))
+        else:
+            infos.append(MethodInfo(name, tuple(cls.stages), _source(point)))
+    return infos

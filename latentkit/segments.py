@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 SegmentKind = Literal["text", "image", "aux_image", "observation"]
 Role = Literal["system", "user", "assistant"]
+SampleKey = tuple[str, str]  # (dataset, sample_id): sample ids are unique only within a dataset
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class Sample:
     answer: str | None = None
     choices: tuple[str, ...] | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> SampleKey:
+        return (self.dataset, self.sample_id)
 
     @property
     def images(self) -> tuple[Path, ...]:

@@ -1,1 +1,1 @@
-"""Built-in methods; each sub-package registers itself with latentkit.registry."""
+"""Built-in methods; each is an entry point of the `latentkit.methods` group in latentkit's pyproject.toml."""

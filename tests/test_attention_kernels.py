@@ -18,7 +18,14 @@ from latentkit.kernels.reference import reference_masked_attention
 
 from latentkit.config import ModelSection
 from latentkit.errors import ConfigError
-from latentkit.masks import MaskSpec, causal_mask, full_mask, monet_stage2, packed_documents, with_padding
+from latentkit.masks import (
+    MaskSpec,
+    causal_mask,
+    full_mask,
+    hide_spans_outside_latents,
+    packed_documents,
+    with_padding,
+)
 
 HAS_CUDA = torch.cuda.is_available()  # without CUDA, conftest.py has turned on the Triton interpreter
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -66,13 +73,15 @@ class Case:
 CASES: dict[str, Case] = {
     "causal": Case(causal_mask(2, 37), heads=2, kv_heads=2, head_dim=16),
     "monet-gqa": Case(
-        monet_stage2([random_monet_blocks(70, 3, seed=1), random_monet_blocks(70, 2, seed=2)], 70),
+        hide_spans_outside_latents(
+            [random_monet_blocks(70, 3, seed=1), random_monet_blocks(70, 2, seed=2)], 70
+        ),
         heads=2,
         kv_heads=1,
         head_dim=64,
     ),
     "monet-left-padding-d80": Case(
-        monet_stage2(
+        hide_spans_outside_latents(
             [random_monet_blocks(45, 2, seed=3), [(9, 20, 22, 30)]], 45, key_is_valid=left_padded([0, 7], 45)
         ),
         heads=2,
@@ -91,7 +100,7 @@ CASES: dict[str, Case] = {
         random_intervals(2, 53, causal=True, seed=5), heads=3, kv_heads=1, head_dim=16, num_queries=19
     ),
     "monet-one-query": Case(
-        monet_stage2([random_monet_blocks(40, 2, seed=6)], 40),
+        hide_spans_outside_latents([random_monet_blocks(40, 2, seed=6)], 40),
         heads=4,
         kv_heads=2,
         head_dim=64,
@@ -217,7 +226,9 @@ def test_tile_classification_is_sound(causal, block_m, block_n):
     kernels = triton_kernels()
     specs = [
         random_intervals(2, 75, causal, seed=7),
-        monet_stage2([random_monet_blocks(75, 3, seed=8), random_monet_blocks(75, 1, seed=9)], 75),
+        hide_spans_outside_latents(
+            [random_monet_blocks(75, 3, seed=8), random_monet_blocks(75, 1, seed=9)], 75
+        ),
         packed_documents([[30, 25, 20], [40]], 75, causal=causal),
     ]
     for spec in specs:
@@ -343,7 +354,9 @@ def backbone_loss_and_grads(
 def test_tiny_backbone_trains_through_triton_like_sdpa():
     n = 36
     valid = left_padded([0, 5], n)
-    spec = monet_stage2([random_monet_blocks(n, 2, seed=10), [(8, 15, 17, 21)]], n, key_is_valid=valid)
+    spec = hide_spans_outside_latents(
+        [random_monet_blocks(n, 2, seed=10), [(8, 15, 17, 21)]], n, key_is_valid=valid
+    )
     ids = torch.randint(0, 500, (2, n), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     loss, grads = backbone_loss_and_grads("triton", spec, ids)
     expected_loss, expected_grads = backbone_loss_and_grads("sdpa", spec, ids)
@@ -360,7 +373,7 @@ def gpu_case(head_dim: int, num_queries: int | None = None) -> Case:
     """Qwen2.5-VL-7B heads (28 query, 4 KV) on Monet stage-2 layouts, one of them left-padded."""
     n = 1031
     blocks = [[(100, 300, 302, 310), (400, 650, 651, 659)], [(60, 250, 255, 263)]]
-    spec = monet_stage2(blocks, n, key_is_valid=left_padded([0, 40], n))
+    spec = hide_spans_outside_latents(blocks, n, key_is_valid=left_padded([0, 40], n))
     return Case(spec, heads=28, kv_heads=4, head_dim=head_dim, num_queries=num_queries)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +26,55 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
         assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["train", "--bogus"], ["no such option: --bogus", "see latentkit train --help"]),
+        (["--bogus"], ["no such option: --bogus", "see latentkit --help"]),
+        (["bogus"], ["no such command 'bogus'", "see latentkit --help"]),
+        (["methods", "bogus"], ["no such command 'bogus'", "see latentkit methods --help"]),
+        (["methods", "list", "--bogus"], ["--bogus", "see latentkit methods list --help"]),
+        (["eval", "--benchmark", "synth-zoom", "--batch-size", "x"], ["invalid value for '--batch-size'"]),
+        (["data", "synth", "--n", "x"], ["invalid value for '--n'", "see latentkit data synth --help"]),
+        (["eval"], ["missing option '--benchmark'", "see latentkit eval --help"]),
+        (["train", "--stage"], ["option '--stage' requires an argument"]),
+        (["train", "--method", "nope"], ["unknown method 'nope'", "valid methods: ", "sft"]),
+    ],
+)
+def test_command_line_errors_are_one_line_and_exit_2(capsys, args, fragments):
+    code, out, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, *fragments)
+    assert not out and "Traceback" not in err
+
+
+def test_command_line_errors_stay_one_line_with_debug(capsys):
+    code, _, err = run_cli(capsys, "--debug", "train", "--bogus")
+    assert_one_line_error(code, err, "no such option: --bogus")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["methods", "list", "--help"]])
+def test_help_exits_0(capsys, args):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "Usage: latentkit" in out and not err
+
+
+@pytest.mark.parametrize("args", [[], ["methods"]])
+def test_a_group_without_its_command_shows_its_help_and_exits_2(capsys, args):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and "Usage: latentkit" in out and "Commands" in out and not err
+
+
+def test_console_script_prints_one_line_for_a_bad_option(tmp_path):
+    """The installed `latentkit` script (typer's own error handling would print a usage block or a traceback)."""
+    script = Path(sys.executable).with_name("latentkit")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "latentkit"]
+    result = subprocess.run(
+        [*command, "train", "--bogus"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.splitlines() == ["error: no such option: --bogus; see latentkit train --help"]
 
 
 def test_bad_config_key(capsys, tmp_path):

@@ -67,7 +67,7 @@ def make_samples(tmp: Path, with_images: bool) -> list[Sample]:
 def prompts(backbone: Backbone, tmp: Path) -> list[Layout]:
     method = get_method("sft")(get_method("sft").Config())
     method.setup(backbone)
-    return [method.prompt(s).build(s.sample_id) for s in make_samples(tmp, backbone.supports_images)]
+    return [method.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp, backbone.supports_images)]
 
 
 def test_batched_greedy_equals_one_at_a_time(backbone, tmp_path):
@@ -404,11 +404,11 @@ def test_prompt_embeddings_sit_after_the_images_and_are_read(backbone, tmp_path)
     method = WithPrefix(SFT.Config())
     method.setup(backbone)
     sample = make_samples(tmp_path, backbone.supports_images)[1]
-    layout = method.prompt(sample).build(sample.sample_id)
+    layout = method.prompt(sample).build(sample.sample_id, sample.dataset)
     (slot,) = layout.embeddings
     plain = SFT(SFT.Config())
     plain.setup(backbone)
-    without = plain.prompt(sample).build(sample.sample_id)
+    without = plain.prompt(sample).build(sample.sample_id, sample.dataset)
     assert len(layout) == len(without) + 2
     if backbone.supports_images:
         assert slot.start == without.images[-1].end + 1  # right after the vision-end token
@@ -430,7 +430,7 @@ def test_a_monet_rollout_replays_exactly(backbone, tmp_path):
     monet_cls = get_method("monet")
     monet = monet_cls(monet_cls.Config(decode_force=True, num_latents=4))
     monet.setup(backbone)
-    layouts = [monet.prompt(s).build(s.sample_id) for s in make_samples(tmp_path, backbone.supports_images)]
+    layouts = [monet.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp_path, backbone.supports_images)]
     params = SamplingParams(max_new_tokens=10, temperature=0.7, seed=5)
     trajectories = decode(backbone, layouts, params, monet.decoding_policy(), record_hidden=True)
     assert all([b.shape[0] for b in t.blocks(int(Kind.LATENT))] == [4] for t in trajectories)

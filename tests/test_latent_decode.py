@@ -42,7 +42,7 @@ def layouts(backbone):
     for index, text in enumerate(PROMPTS):
         builder = LayoutBuilder(backbone)
         builder.add_text(text, Kind.TEXT, 0)
-        built.append(builder.build(f"p{index}"))
+        built.append(builder.build(f"p{index}", "test"))
     assert len(built[0]) != len(built[1])
     return built
 

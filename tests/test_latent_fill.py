@@ -10,7 +10,7 @@ from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 from latentkit.latent import fill_latents, fill_latents_reference, slot_positions
 from latentkit.layout import Kind, LayoutBuilder, collate, inputs_embeds
-from latentkit.masks import causal_mask, monet_stage2, with_padding
+from latentkit.masks import causal_mask, hide_spans_outside_latents, with_padding
 from latentkit.records import load_split
 from latentkit.synth.zoom import generate_synth_zoom
 
@@ -44,7 +44,7 @@ def layout_with(backbone, images, texts: list[str], ks: list[int]):
         builder.add_image(aux, Kind.AUX_IMAGE, index)
         builder.add_latent(*TOKENS, k=k, segment_index=index)
         builder.add_text(texts[index], Kind.TEXT, index)
-    return builder.build(f"s{len(ks)}")
+    return builder.build(f"s{len(ks)}", "test")
 
 
 def stage2_blocks(layout):
@@ -52,7 +52,7 @@ def stage2_blocks(layout):
     return [(img.start - 1, img.end + 1, lat.start, lat.end) for img, lat in zip(aux, layout.latents)]
 
 
-@pytest.mark.parametrize("masking", ["causal", "monet_stage2"])
+@pytest.mark.parametrize("masking", ["causal", "spans_outside_latents_hidden"])
 def test_batched_fill_equals_one_sample_at_a_time(backbone, images, masking):
     layouts = [
         layout_with(backbone, images, ["where is it?", "I see red", "and a circle then"], [3, 2]),
@@ -65,7 +65,7 @@ def test_batched_fill_equals_one_sample_at_a_time(backbone, images, masking):
     if masking == "causal":
         mask = with_padding(causal_mask(size, length), batch.valid)
     else:
-        mask = monet_stage2([stage2_blocks(layout) for layout in layouts], length, batch.valid)
+        mask = hide_spans_outside_latents([stage2_blocks(layout) for layout in layouts], length, batch.valid)
     slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents] for layout in layouts])
     with torch.no_grad():
         embeds = inputs_embeds(backbone, batch)
@@ -92,7 +92,7 @@ def test_stage2_mask_changes_the_latents(backbone, images):
     with torch.no_grad():
         embeds = inputs_embeds(backbone, batch)
         plain = fill_latents(backbone, embeds, batch.position_ids, causal_mask(1, length), slots, [length])
-        controlled = monet_stage2([stage2_blocks(layout)], length)
+        controlled = hide_spans_outside_latents([stage2_blocks(layout)], length)
         masked = fill_latents(backbone, embeds, batch.position_ids, controlled, slots, [length])
     torch.testing.assert_close(plain.values[0, :2], masked.values[0, :2])  # block 1 sees the same as causal
     assert not torch.allclose(plain.values[0, 2:], masked.values[0, 2:])  # block 2's prefix lost image 1

@@ -7,7 +7,7 @@ from latentkit.masks import (
     MaskSpec,
     causal_mask,
     full_mask,
-    monet_stage2,
+    hide_spans_outside_latents,
     packed_documents,
     with_padding,
 )
@@ -82,7 +82,7 @@ def test_empty_interval_when_start_not_below_end():
         causal_mask(2, 8),
         random_spec(2, 8, True, 3),
         random_spec(2, 8, False, 4),
-        monet_stage2([[(1, 3, 4, 6)], []], 8),
+        hide_spans_outside_latents([[(1, 3, 4, 6)], []], 8),
     ],
 )
 @pytest.mark.parametrize("nq", [0, 1, 3, 8])
@@ -201,10 +201,10 @@ def test_packed_documents_too_long():
         packed_documents([[2], [3, 3]], 5)
 
 
-# --- Monet stage 2 -----------------------------------------------------------------------------------
+# --- spans seen only by their latent blocks (Monet stage 2) --------------------------------------
 
 
-def test_monet_stage2_two_aux_images_by_hand():
+def test_hide_spans_outside_latents_two_spans_by_hand():
     # text [0,2) | aux image 1 [2,5) | text [5,6) | latent 1 [6,9) | observation [9,11)
     # | aux image 2 [11,13) | latent 2 [13,15) | text [15,20)
     n = 20
@@ -218,7 +218,7 @@ def test_monet_stage2_two_aux_images_by_hand():
         # image 2 is directly followed by its latents [13,15): hidden only after them
         return not (j in img2 and i >= 15)
 
-    spec = monet_stage2([[(2, 5, 6, 9), (11, 13, 13, 15)]], n)
+    spec = hide_spans_outside_latents([[(2, 5, 6, 9), (11, 13, 13, 15)]], n)
     assert spec.causal
     dense = spec.to_dense()
     assert torch.equal(dense, dense_from_rule(n, allowed))
@@ -233,7 +233,7 @@ def test_monet_stage2_two_aux_images_by_hand():
     assert row.tolist() == [j not in img1 and j not in img2 for j in range(n)]
 
 
-def test_monet_stage2_batch_with_padding():
+def test_hide_spans_outside_latents_batch_with_padding():
     n = 14
     # sample 0: right padding from 12; blocks image [1,3) latent [4,6), image [7,9) latent [9,11)
     # sample 1: left padding [0,3); one block image [4,7) latent [8,10)
@@ -241,7 +241,7 @@ def test_monet_stage2_batch_with_padding():
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[0, 12:] = False
     valid[1, :3] = False
-    dense = monet_stage2(blocks, n, key_is_valid=valid).to_dense()
+    dense = hide_spans_outside_latents(blocks, n, key_is_valid=valid).to_dense()
 
     def allowed0(i, j):
         if j > i or j >= 12:
@@ -259,7 +259,7 @@ def test_monet_stage2_batch_with_padding():
     assert torch.equal(dense[1:2], dense_from_rule(n, allowed1))
     assert not dense[1, 0, :3].any()  # left-pad rows fully masked
     # a sample without blocks is plain causal
-    assert torch.equal(monet_stage2([[]], 5).to_dense(), causal_mask(1, 5).to_dense())
+    assert torch.equal(hide_spans_outside_latents([[]], 5).to_dense(), causal_mask(1, 5).to_dense())
 
 
 @pytest.mark.parametrize(
@@ -272,6 +272,6 @@ def test_monet_stage2_batch_with_padding():
         ([[(-1, 5, 6, 9)]], "sample 0, block 0"),  # negative
     ],
 )
-def test_monet_stage2_rejects_bad_spans(blocks, match):
+def test_hide_spans_outside_latents_rejects_bad_spans(blocks, match):
     with pytest.raises(ValueError, match=match):
-        monet_stage2(blocks, 20)
+        hide_spans_outside_latents(blocks, 20)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from latentkit.backbone import PRESETS, build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
-from latentkit.eval.answer import answer_samples
 from latentkit.decoding import SamplingParams
+from latentkit.eval.answer import answer_samples
 from latentkit.layout import Kind, collate
 from latentkit.optim import freeze_and_group, trainable_parameters
 from latentkit.records import load_split

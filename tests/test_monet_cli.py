@@ -69,9 +69,8 @@ def test_three_stages_and_their_artifacts(run):
     for kind in ("teacher", "targets"):
         folder = run / "stages" / "distill" / kind
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["samples"] == 24 and all(
-            (folder / shard).is_file() for shard in set(manifest["index"].values())
-        )
+        shards = {shard for _, _, shard, _ in manifest["index"]}
+        assert manifest["samples"] == 24 and all((folder / shard).is_file() for shard in shards)
 
 
 def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
@@ -141,9 +140,8 @@ def write_official_dataset(root: Path) -> None:
         (folder / "images").mkdir(parents=True)
         Image.new("RGB", (56, 56), (200, 10, 10)).save(folder / "images" / "question.png")
         Image.new("RGB", (28, 28), (250, 0, 0)).save(folder / "images" / "zoom.png")
-        records = [record(f"{dataset}-{i}", dataset) for i in range(3)] + [
-            record(f"{dataset}-bad", dataset, False)
-        ]
+        # The same ids in both sub-datasets: the stage caches key samples by (dataset, sample_id).
+        records = [record(str(i), dataset) for i in range(3)] + [record(f"{dataset}-bad", dataset, False)]
         (folder / "train.json").write_text(json.dumps(records))
 
 
@@ -169,9 +167,8 @@ def test_real_checkpoint_directory_and_official_records(tmp_path):
     run = tmp_path / "real"
     assert (run / "final" / "config.json").is_file()
     manifest = json.loads((run / "stages" / "distill" / "teacher" / "manifest.json").read_text())
-    assert sorted(manifest["index"]) == sorted(
-        f"{d}-{i}" for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3)
-    )
+    keys = sorted((dataset, sample_id) for dataset, sample_id, _, _ in manifest["index"])
+    assert keys == [(d, str(i)) for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3)]
 
 
 def test_distill_alone_without_warmup_is_a_clear_error(tmp_path):

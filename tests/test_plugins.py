@@ -155,6 +155,7 @@ def test_plugin_lists_and_trains(probe_site: Path, tmp_path: Path):
         "name": "sft-probe",
         "stages": ["sft"],
         "source": "plugin sft_probe.method:SFTProbe",
+        "error": None,
     }
     assert rows["sft"]["source"] == "latentkit.methods.sft.method:SFT"
 
@@ -208,11 +209,113 @@ def test_unknown_method_lists_valid_ones(probe_site: Path, tmp_path: Path):
 
 
 def test_one_class_cannot_take_two_names():
-    from latentkit.methods.sft import SFT
+    from latentkit.errors import RegistryError
+    from latentkit.registry import _add, get_method
+
+    sft = get_method("sft")
+    with pytest.raises(RegistryError, match="already registered as 'sft'"):
+        _add("sft2", sft, "plugin latentkit.methods.sft.method:SFT")
+    assert sft.name == "sft"
+
+
+# --- in-process: entry points from a distribution written by hand onto sys.path ----------------------------
+
+
+def fake_distribution(site: Path, name: str, methods: dict[str, str]) -> Path:
+    """A minimal installed distribution: METADATA and entry_points.txt, as pip writes them."""
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    lines = "".join(f"{method} = {value}\n" for method, value in methods.items())
+    (info / "entry_points.txt").write_text(f"[latentkit.methods]\n{lines}")
+    return site
+
+
+def test_builtins_are_the_entry_points_of_latentkit_and_cover_every_method_folder():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+        "latentkit.methods"
+    ]
+    folders = {p.parent.name for p in (REPO / "methods").glob("*/__init__.py")}
+    assert set(declared) == folders, (
+        "every folder under methods/ is declared as a latentkit.methods entry point"
+    )
+    from latentkit.registry import get_method, list_methods
+
+    for name, value in declared.items():
+        assert value.startswith(f"latentkit.methods.{name}.")
+        assert get_method(name).name == name
+    listed = {info.name: info for info in list_methods()}
+    assert listed["sft"].stages == ("sft",) and listed["sft"].source == declared["sft"]
+    assert listed["monet"].stages == ("warmup", "distill", "latent") and listed["monet"].error is None
+
+
+def test_broken_plugins_are_listed_with_their_error_and_do_not_hide_the_others(monkeypatch, tmp_path, capsys):
+    site = fake_distribution(
+        tmp_path,
+        "latentkit-broken",
+        {"broken": "no_such_module_for_latentkit:Thing", "not-a-method": "json:JSONDecoder"},
+    )
+    monkeypatch.syspath_prepend(str(site))
+    from latentkit.cli.app import main
 
     from latentkit.errors import RegistryError
-    from latentkit.registry import _add
+    from latentkit.registry import get_method, list_methods
 
-    with pytest.raises(RegistryError, match="already registered as 'sft'"):
-        _add("sft2", SFT, "plugin latentkit.methods.sft.method:SFT")
-    assert SFT.name == "sft"
+    infos = {info.name: info for info in list_methods()}
+    assert {"sft", "monet", "broken", "not-a-method"} <= set(infos)
+    assert infos["sft"].error is None
+    assert (
+        infos["broken"].stages == () and infos["broken"].source == "plugin no_such_module_for_latentkit:Thing"
+    )
+    assert (
+        "failed to import" in infos["broken"].error
+        and "no_such_module_for_latentkit" in infos["broken"].error
+    )
+    assert "not a latentkit.registry.Method subclass" in infos["not-a-method"].error
+    with pytest.raises(RegistryError, match="'broken' .* failed to import"):
+        get_method("broken")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["methods", "list"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0 and not err
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "warmup -> distill -> latent" in lines["monet"]
+    assert "error: method 'broken'" in lines["broken"] and "failed to import" in lines["broken"]
+    with pytest.raises(SystemExit):
+        main(["methods", "list", "--json"])
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["sft"]["error"] is None and "failed to import" in rows["broken"]["error"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "broken", f"run.output_dir={tmp_path / 'runs'}"])
+    _, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(
+        "error: method 'broken' (plugin no_such_module_for_latentkit:Thing) failed to import"
+    )
+
+
+def test_a_plugin_named_like_a_builtin_is_refused_in_process(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(
+        str(fake_distribution(tmp_path, "latentkit-clash", {"sft": "json:JSONDecoder"}))
+    )
+    from latentkit.errors import RegistryError
+    from latentkit.registry import get_method, list_methods
+
+    expected = "'sft' is registered twice: by latentkit.methods.sft.method:SFT and by plugin json:JSONDecoder"
+    for call in (lambda: get_method("monet"), list_methods):
+        with pytest.raises(RegistryError, match=re.escape(expected)):
+            call()
+
+
+def test_missing_builtin_entry_points_say_to_reinstall(monkeypatch):
+    from latentkit import registry
+    from latentkit.errors import RegistryError
+
+    # No distribution declares the built-ins, as with metadata installed before they were entry points.
+    monkeypatch.setattr(registry, "distributions", list)
+    with pytest.raises(RegistryError, match=r"no built-in method is installed.*reinstall latentkit"):
+        registry.get_method("sft")

@@ -101,7 +101,7 @@ class ThenRL(TwoStages):
 def test_methods():
     names = {"two-stages": TwoStages, "aux-probe": AuxProbe, "then-rl": ThenRL}
     for name, cls in names.items():
-        registry._add(name, cls, f"{__name__}:{cls.__qualname__}")
+        registry.register(name, cls)
     yield
     for name in names:
         registry._registered.pop(name)

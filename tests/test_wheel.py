@@ -10,6 +10,8 @@ build running alongside other work in the repo cannot collide with it).
 from __future__ import annotations
 
 import configparser
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,3 +107,51 @@ def test_console_script_entry_point(built):
     parser = configparser.ConfigParser()
     parser.read_string(archive.read(entry_points).decode())
     assert parser["console_scripts"]["latentkit"].strip() == "latentkit.cli.app:main"
+    assert {name: value.strip() for name, value in parser["latentkit.methods"].items()} == {
+        "sft": "latentkit.methods.sft.method:SFT",
+        "monet": "latentkit.methods.monet.method:Monet",
+    }
+
+
+INSTALLED_METHODS = """
+import json, sys
+from importlib.metadata import distributions
+import latentkit
+from latentkit.registry import ENTRY_POINT_GROUP, list_methods
+target = sys.argv[1]
+from_wheel = sorted(p.name for d in distributions(path=[target]) for p in d.entry_points.select(group=ENTRY_POINT_GROUP))
+listed = {i.name: [list(i.stages), i.source, i.error] for i in list_methods()}
+print(json.dumps({"file": latentkit.__file__, "from_wheel": from_wheel, "listed": listed}))
+"""
+
+
+@pytest.mark.slow
+def test_installed_wheel_lists_the_builtin_methods(built, tmp_path):
+    """A plain (non-editable) install of the wheel exposes the built-in methods through its own metadata."""
+    _, archive = built
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet"]
+    result = subprocess.run(
+        [*install, "--disable-pip-version-check", "--target", str(target), archive.filename],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", INSTALLED_METHODS, str(target)],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    assert Path(found["file"]).is_relative_to(target), found["file"]  # the wheel's copy, not the editable one
+    assert found["from_wheel"] == ["monet", "sft"]
+    assert found["listed"]["sft"] == [["sft"], "latentkit.methods.sft.method:SFT", None]
+    assert found["listed"]["monet"][0] == ["warmup", "distill", "latent"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from latentkit.layout import Kind, Layout, LayoutBuilder
+from latentkit.layout import Layout, LayoutBuilder
 
 
 @dataclass
@@ -85,10 +85,10 @@ class Trajectory:
                 while end < length and end in self.vectors and self.kinds[end] == self.kinds[index]:
                     end += 1
                 vectors = torch.stack([self.vectors[i] for i in range(index, end)])
-                builder.add_embeddings(vectors, segment_index, Kind(self.kinds[index]))
+                builder.add_embeddings(vectors, segment_index, self.kinds[index])
                 index = end
             else:
-                builder.add_ids([self.input_ids[index]], Kind(self.kinds[index]), segment_index)
+                builder.add_ids([self.input_ids[index]], self.kinds[index], segment_index)
                 index += 1
 
     def to_json(self) -> dict[str, Any]:

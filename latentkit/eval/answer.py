@@ -90,7 +90,8 @@ def _answer_batch(
             stop_strings=params.stop_strings + tool_stop,
             seed=params.seed + round_index,
         )
-        layouts = [pending[row].builder.build(pending[row].sample.sample_id) for row in active]
+        items = [pending[row] for row in active]
+        layouts = [item.builder.build(item.sample.sample_id, item.sample.dataset) for item in items]
         generations = decode(backbone, layouts, step_params, policy or method.decoding_policy())
         still_active = []
         for row, generation in zip(active, generations):

@@ -14,7 +14,7 @@ from latentkit.chat import ResponseWeights
 from latentkit.decoding import Trajectory
 from latentkit.eval.answer import Answer
 from latentkit.eval.scorers import ScoreResult
-from latentkit.layout import Kind
+from latentkit.layout import kind_name
 
 
 def nearest_tokens(backbone: Backbone, vectors: torch.Tensor, top: int) -> list[list[str]]:
@@ -23,10 +23,6 @@ def nearest_tokens(backbone: Backbone, vectors: torch.Tensor, top: int) -> list[
     query = torch.nn.functional.normalize(vectors.float().to(table.device), dim=-1)
     ids = (query @ table.T).topk(min(top, table.shape[0]), dim=-1).indices.tolist()
     return [[backbone.tokenizer.convert_ids_to_tokens(i) for i in row] for row in ids]
-
-
-def _kind_name(kind: int) -> str:
-    return Kind(kind).name.lower() if kind in Kind._value2member_map_ else f"kind {kind}"
 
 
 def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> list[dict[str, Any]]:
@@ -53,7 +49,7 @@ def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> l
         vectors = torch.stack([trajectory.vectors[i] for i in range(index, end)])
         nearest = nearest_tokens(backbone, vectors, top)
         rows = [{"norm": float(v.float().norm()), "nearest": n} for v, n in zip(vectors, nearest)]
-        pieces.append({"continuous": _kind_name(kind), "vectors": rows})
+        pieces.append({"continuous": kind_name(kind), "vectors": rows})
         index = end
     flush()
     return pieces

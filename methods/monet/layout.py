@@ -12,7 +12,7 @@ from latentkit.methods.sft.method import sft_layout
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, render_chat
 from latentkit.layout import Batch, Kind, Layout, LayoutBuilder
-from latentkit.masks import MaskSpec, monet_stage2
+from latentkit.masks import MaskSpec, hide_spans_outside_latents
 from latentkit.segments import Sample, Segment
 
 
@@ -56,7 +56,7 @@ def latent_layout(backbone: Backbone, sample: Sample, config: MonetConfig, keep_
         config.observation_weight, config.observation_tags, config.train_observation_tags
     )
     render_chat(builder, sample, on_aux_image, weights)
-    return builder.build(sample.sample_id)
+    return builder.build(sample.sample_id, sample.dataset)
 
 
 def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
@@ -80,14 +80,10 @@ def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
 def stage2_mask(batch: Batch) -> MaskSpec:
     """Controlled attention of stage 2 (specs/monet.md, stage 2 step 3)."""
     blocks = [stage2_blocks(layout) for layout in batch.layouts]
-    return monet_stage2(blocks, batch.input_ids.shape[1], batch.valid, batch.input_ids.device)
+    return hide_spans_outside_latents(blocks, batch.input_ids.shape[1], batch.valid, batch.input_ids.device)
 
 
 def observation_positions(layout: Layout, close_tag_id: int) -> torch.Tensor:
     """From each `<observation>` token up to, not including, `</observation>` (the teacher's positions)."""
     is_observation = (layout.kinds == int(Kind.OBSERVATION)) & (layout.input_ids != close_tag_id)
     return is_observation.nonzero().squeeze(-1)
-
-
-def latent_slot_positions(layout: Layout) -> list[int]:
-    return [p for latent in layout.latents for p in range(latent.start + 1, latent.end)]

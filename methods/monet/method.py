@@ -7,15 +7,8 @@ by latents aligned to the distill model's latents). Decoding: `latentkit.latent.
 from __future__ import annotations
 
 import torch
-from latentkit.methods.monet.cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
 from latentkit.methods.monet.config import MonetConfig
-from latentkit.methods.monet.layout import (
-    latent_layout,
-    latent_slot_positions,
-    observation_positions,
-    stage2_mask,
-    teacher_layout,
-)
+from latentkit.methods.monet.layout import latent_layout, observation_positions, stage2_mask, teacher_layout
 from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
 from latentkit.methods.sft.method import sft_loss
 
@@ -23,17 +16,17 @@ from latentkit.backbone import Backbone
 from latentkit.checkpoint import model_fingerprint
 from latentkit.errors import CheckpointError
 from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
-from latentkit.layout import Batch, Layout, collate, inputs_embeds
+from latentkit.layout import Batch, Layout, collate, inputs_embeds, latent_slot_positions
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
-from latentkit.registry import LossOutput, Method, StageContext, StageProgress, register_method
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress
+from latentkit.representation_cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
 from latentkit.segments import Sample
 
 TEACHER = "teacher"
 TARGETS = "targets"
 
 
-@register_method("monet")
 class Monet(Method):
     Config = MonetConfig
     stages = ("warmup", "distill", "latent")
@@ -176,7 +169,7 @@ class Monet(Method):
         if not config.observation_alignment:
             return LossOutput(ce, metrics)
         close = backbone.token_id(config.observation_tags[1])
-        teachers = [t.to(embeds.device) for t in self._cache(TEACHER).get(batch.sample_ids)]
+        teachers = [t.to(embeds.device) for t in self._cache(TEACHER).get(batch.keys)]
         align = alignment_loss(
             _gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close)),
             teachers,
@@ -197,7 +190,7 @@ class Monet(Method):
             filled = self.fill_batch(batch, embeds, mask)
         out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
         ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
-        goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.sample_ids)]
+        goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.keys)]
         students = _gather(out.hidden_states, batch.layouts, _slot_index)
         align = alignment_loss(students, goals, "hidden")
         loss = ce + self.config.target_alignment_weight * align

@@ -14,7 +14,7 @@ from latentkit.chat import ResponseWeights, drop_aux_image, inline_aux_image, re
 from latentkit.config import StrictModel
 from latentkit.layout import Batch, Layout, LayoutBuilder, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, StageProgress, register_method
+from latentkit.registry import LossOutput, Method, StageProgress
 from latentkit.segments import Sample
 
 
@@ -32,7 +32,7 @@ def sft_layout(backbone: Backbone, sample: Sample, config: SFTConfig, prompt_onl
     )
     on_aux_image = inline_aux_image if config.aux_images else drop_aux_image
     render_chat(builder, sample, on_aux_image, weights, prompt_only=prompt_only)
-    return builder.build(sample.sample_id)
+    return builder.build(sample.sample_id, sample.dataset)
 
 
 def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
@@ -43,7 +43,6 @@ def sft_loss(method: Method, backbone: Backbone, batch: Batch, stage: str) -> Lo
     return LossOutput(loss, {"target_tokens": float(targets)})
 
 
-@register_method("sft")
 class SFT(Method):
     Config = SFTConfig
     stages = ("sft",)
