@@ -16,6 +16,7 @@ def train_command(
 ) -> None:
     """Train a method. With no config: the tiny Qwen2.5-VL preset on the embedded synthetic task."""
     from latentkit.config import build_config, raw_config
+    from latentkit.eval.periodic import training_evaluator
     from latentkit.registry import get_method
     from latentkit.trainer import train
 
@@ -27,4 +28,4 @@ def train_command(
     raw, where = raw_config(config, extra)
     method_name = raw.get("run", {}).get("method", "sft")
     resolved = build_config(get_method(method_name).Config, raw, where)
-    train(resolved, resume=resume)
+    train(resolved, resume=resume, evaluator=training_evaluator)

@@ -45,9 +45,10 @@ def train(
 ) -> Path:
     """Train every stage (or `train.stage`) and return the run directory, e.g.
     `latentkit.train({"run": {"method": "monet"}}, ["train.steps=20"])`."""
+    from latentkit.eval.periodic import training_evaluator
     from latentkit.trainer import train as run_training
 
-    return run_training(resolve_config(config, overrides), resume=resume)
+    return run_training(resolve_config(config, overrides), resume=resume, evaluator=training_evaluator)
 
 
 def load(run_or_checkpoint: str | Path, method_overrides: Sequence[str] = ()) -> EvalModel:

@@ -180,10 +180,23 @@ def micro_batch_schedule(
     return schedule
 
 
-def train(config: LatentkitConfig, resume: bool = False) -> Path:
-    """Run every stage of the method (or only `train.stage`) and return the run directory."""
+EvaluatorFactory = Callable[[Method, LatentkitConfig, Path], Callable[[], dict[str, float]]]
+
+
+def train(
+    config: LatentkitConfig, resume: bool = False, evaluator: EvaluatorFactory | None = None
+) -> Path:
+    """Run every stage of the method (or only `train.stage`) and return the run directory.
+
+    `evaluator` builds the `train.eval_every` evaluation (the CLI and `latentkit.train` pass eval's); the
+    trainer itself imports nothing from `latentkit.eval`."""
+    if config.train.eval_every is not None and evaluator is None:
+        raise ConfigError(
+            "train.eval_every is set but no evaluator was given: use latentkit.train(...) or the CLI, or pass "
+            "evaluator=latentkit.eval.periodic.training_evaluator"
+        )
     try:
-        return _train(config, resume)
+        return _train(config, resume, evaluator)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -198,7 +211,7 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def _train(config: LatentkitConfig, resume: bool) -> Path:
+def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -267,10 +280,8 @@ def _train(config: LatentkitConfig, resume: bool) -> Path:
                 "wandb": {"mode": config.train.wandb.mode, "dir": str(directory), "name": directory.name}
             },
         )
-    if config.train.eval_every is not None and accelerator.is_main_process:
-        from latentkit.eval.periodic import training_evaluator
-
-        run.evaluator = training_evaluator(method, config, directory)
+    if evaluator is not None and config.train.eval_every is not None and accelerator.is_main_process:
+        run.evaluator = evaluator(method, config, directory)
     module = accelerator.prepare_model(TrainModule(backbone, method, precision))
     run.trainable = trainable_parameters(backbone, method)
     for stage_index, stage in enumerate(stages):

@@ -255,3 +255,9 @@ def test_a_stage_kind_without_a_loop_is_refused_before_training(tmp_path):
     assert not (tmp_path / "both").exists()  # refused before anything was written
     run = train(config(tmp_path, "then-rl", "first-only", "train.steps=1", "train.stage=first"))
     assert (run / "stages" / "first" / "final").is_dir()
+
+
+def test_eval_every_needs_an_evaluator_when_the_trainer_is_called_directly(tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_every is set but no evaluator"):
+        train(config(tmp_path, "two-stages", "no-evaluator", "train.eval_every=1"))
+    assert not (tmp_path / "no-evaluator").exists()

@@ -95,6 +95,7 @@ class Trajectory:
         """Everything but the prompt's tensors; vectors as lists (for `latentkit generate --json`)."""
         return {
             "prompt_length": len(self.prompt),
+            "prompt_vectors": [[slot.start, int(slot.vectors.shape[0])] for slot in self.prompt.embeddings],
             "input_ids": self.input_ids,
             "kinds": self.kinds,
             "positions": self.positions,
