@@ -166,11 +166,34 @@ def test_plugin_lists_and_trains(probe_site: Path, tmp_path: Path):
     last = [r for r in records if "loss" in r][-1]
     assert last["stage"] == "sft" and last["step"] == 1
     assert math.isfinite(last["loss"]) and math.isfinite(last["probe_bce"]) and last["probe_bce"] > 0
+    assert math.isfinite(last["reference_kl"]) and last["reference_kl"] >= 0
     assert json.loads((run / "final" / "latentkit_method.json").read_text())["method"] == "sft-probe"
     from safetensors.torch import load_file
 
     owned = load_file(str(run / "final" / "method_modules.safetensors"))
-    assert set(owned) == {"probe.weight", "probe.bias"} and owned["probe.weight"].shape[0] == 1
+    # trainable modules are saved; the frozen reference head is not
+    assert (
+        set(owned) == {"probe.weight", "probe.bias", "soft_prompt.weight"}
+        and owned["probe.weight"].shape[0] == 1
+    )
+    assert not any("reference" in key for key in load_file(str(run / "final" / "model.safetensors")))
+    # generation reads the learned soft prompt through the prompt-embeddings hook, right after the image
+    shown = cli(
+        probe_site,
+        tmp_path,
+        "generate",
+        "--run",
+        str(run),
+        "--prompt",
+        "What colour?",
+        "--json",
+        "--max-new-tokens",
+        "2",
+    )
+    code, out, err = finish(shown)
+    assert code == 0, err[-3000:]
+    (trajectory,) = json.loads(out)["trajectories"]
+    assert trajectory["prompt_vectors"] == [[trajectory["prompt_vectors"][0][0], 2]]
 
 
 @pytest.mark.slow
