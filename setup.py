@@ -1,9 +1,15 @@
 """Lists every nested package under the mapped top-level folders, so none is silently left out of the wheel."""
+
 from pathlib import Path
 
 from setuptools import setup
 
-ROOTS = {"latentkit": "latentkit", "latentkit.methods": "methods", "latentkit.kernels": "kernels", "latentkit.cli": "cli"}
+ROOTS = {
+    "latentkit": "latentkit",
+    "latentkit.methods": "methods",
+    "latentkit.kernels": "kernels",
+    "latentkit.cli": "cli",
+}
 
 
 def _packages() -> tuple[list[str], dict[str, str]]:

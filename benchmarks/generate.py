@@ -92,7 +92,9 @@ def main() -> None:
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
 
         def one_at_a_time() -> list:
-            return [decode(backbone, [method.prompt(s).build(s.sample_id, s.dataset)], params)[0] for s in samples]
+            return [
+                decode(backbone, [method.prompt(s).build(s.sample_id, s.dataset)], params)[0] for s in samples
+            ]
 
         def batched() -> list:
             out = []
@@ -109,7 +111,9 @@ def main() -> None:
                 chunk = samples[start : start + args.batch_size]
                 out.extend(
                     ids_only(
-                        backbone, [method.prompt(s).build(s.sample_id, s.dataset) for s in chunk], args.max_new_tokens
+                        backbone,
+                        [method.prompt(s).build(s.sample_id, s.dataset) for s in chunk],
+                        args.max_new_tokens,
                     )
                 )
             return out

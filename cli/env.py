@@ -7,7 +7,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 import typer
 
-PACKAGES = ("latentkit", "torch", "transformers", "accelerate", "peft", "datasets", "triton", "safetensors", "flash-attn", "wandb")
+PACKAGES = (
+    "latentkit",
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "triton",
+    "safetensors",
+    "flash-attn",
+    "wandb",
+)
 
 
 def env_command() -> None:

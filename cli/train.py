@@ -8,9 +8,13 @@ import typer
 
 
 def train_command(
-    overrides: list[str] = typer.Argument(None, help="Dotted config overrides, e.g. train.lr=1e-4 data.path=/data"),
+    overrides: list[str] = typer.Argument(
+        None, help="Dotted config overrides, e.g. train.lr=1e-4 data.path=/data"
+    ),
     method: str = typer.Option(None, "--method", "-m", help="Method name (see `latentkit methods list`)."),
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config file (e.g. configs/sft/tiny.yaml)."),
+    config: Path = typer.Option(
+        None, "--config", "-c", help="YAML config file (e.g. configs/sft/tiny.yaml)."
+    ),
     stage: str = typer.Option(None, "--stage", help="Run only this stage of the method."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
 ) -> None:

@@ -28,7 +28,9 @@ def sdpa_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """q [B,Hq,Nq,D], k/v [B,Hkv,Nk,D] (GQA without expanding K/V) -> [B,Hq,Nq,D]; fully masked rows are zero."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
     return out * row_has_keys.to(out.dtype)
 
 

@@ -31,7 +31,9 @@ def prepare_embedded_data(run_dir: Path, data: DataSection) -> Path:
     return root
 
 
-def load_training_records(data: DataSection, run_dir: Path, on_main_first: Callable[[Callable[[], object]], object]) -> LoadedRecords:
+def load_training_records(
+    data: DataSection, run_dir: Path, on_main_first: Callable[[Callable[[], object]], object]
+) -> LoadedRecords:
     """Records of `data.split`; `on_main_first` runs data generation on the main process before the others read."""
     options = {
         "on_bad_record": data.on_bad_record,

@@ -226,7 +226,9 @@ def register(name: str, cls: type[Method]) -> None:
     methods come from entry points; this one is known to this process only (not to `accelerate launch`)."""
     point = _entry_points().get(name)
     if point is not None:
-        raise RegistryError(f"method name {name!r} is already installed ({_source(point)}); pick another name")
+        raise RegistryError(
+            f"method name {name!r} is already installed ({_source(point)}); pick another name"
+        )
     if name in _registered and _registered[name] is not cls:
         raise RegistryError(f"method name {name!r} is already registered in this process; pick another name")
     _add(name, cls, f"{cls.__module__}:{cls.__qualname__}")

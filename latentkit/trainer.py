@@ -183,9 +183,7 @@ def micro_batch_schedule(
 EvaluatorFactory = Callable[[Method, LatentkitConfig, Path], Callable[[], dict[str, float]]]
 
 
-def train(
-    config: LatentkitConfig, resume: bool = False, evaluator: EvaluatorFactory | None = None
-) -> Path:
+def train(config: LatentkitConfig, resume: bool = False, evaluator: EvaluatorFactory | None = None) -> Path:
     """Run every stage of the method (or only `train.stage`) and return the run directory.
 
     `evaluator` builds the `train.eval_every` evaluation (the CLI and `latentkit.train` pass eval's); the
@@ -287,7 +285,9 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     for stage_index, stage in enumerate(stages):
         if config.train.stage is not None and stage != config.train.stage:
             continue
-        STAGE_LOOPS[method_cls.stage_kind(stage)](run, accelerator, module, records.samples, stage, stage_index)
+        STAGE_LOOPS[method_cls.stage_kind(stage)](
+            run, accelerator, module, records.samples, stage, stage_index
+        )
     if accelerator.is_main_process:
         last = config.train.stage or stages[-1]
         publish_copy(directory / "stages" / last / "final", directory / "final")

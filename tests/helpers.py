@@ -31,7 +31,9 @@ def latentkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "latentkit", *args]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
     if check and result.returncode != 0:
-        raise AssertionError(f"latentkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"latentkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        )
     return result
 
 

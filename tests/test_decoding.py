@@ -67,7 +67,9 @@ def make_samples(tmp: Path, with_images: bool) -> list[Sample]:
 def prompts(backbone: Backbone, tmp: Path) -> list[Layout]:
     method = get_method("sft")(get_method("sft").Config())
     method.setup(backbone)
-    return [method.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp, backbone.supports_images)]
+    return [
+        method.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp, backbone.supports_images)
+    ]
 
 
 def test_batched_greedy_equals_one_at_a_time(backbone, tmp_path):
@@ -430,7 +432,10 @@ def test_a_monet_rollout_replays_exactly(backbone, tmp_path):
     monet_cls = get_method("monet")
     monet = monet_cls(monet_cls.Config(decode_force=True, num_latents=4))
     monet.setup(backbone)
-    layouts = [monet.prompt(s).build(s.sample_id, s.dataset) for s in make_samples(tmp_path, backbone.supports_images)]
+    layouts = [
+        monet.prompt(s).build(s.sample_id, s.dataset)
+        for s in make_samples(tmp_path, backbone.supports_images)
+    ]
     params = SamplingParams(max_new_tokens=10, temperature=0.7, seed=5)
     trajectories = decode(backbone, layouts, params, monet.decoding_policy(), record_hidden=True)
     assert all([b.shape[0] for b in t.blocks(int(Kind.LATENT))] == [4] for t in trajectories)
@@ -444,4 +449,6 @@ def test_a_monet_rollout_replays_exactly(backbone, tmp_path):
     log_probs = monet.log_probs(backbone, trajectories, params)
     for trajectory, replayed in zip(trajectories, log_probs):
         assert replayed.requires_grad
-        torch.testing.assert_close(replayed.detach(), torch.tensor(trajectory.log_probs), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            replayed.detach(), torch.tensor(trajectory.log_probs), atol=2e-5, rtol=1e-4
+        )

@@ -208,7 +208,9 @@ class PrefixThoughts(DecodingPolicy):
         self.kind = int(Kind.LATENT)
 
     def varied(self, k=None, force=None, intervention=None):
-        return PrefixThoughts(k or self.k, self.force if force is None else force, intervention, self.placeholder)
+        return PrefixThoughts(
+            k or self.k, self.force if force is None else force, intervention, self.placeholder
+        )
 
     def decide(self, proposal, view):
         if view.step > 0 or not self.force:

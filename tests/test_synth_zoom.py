@@ -55,7 +55,9 @@ def test_records_load_back_without_skips(tmp_path: Path, variant: str) -> None:
 
 
 def test_zoom_image_is_the_upscaled_target_with_its_margin(tmp_path: Path) -> None:
-    generate_synth_zoom(tmp_path, n_train=0, n_val=0, n_test=5, canvas_size=112, grid=4, zoom_size=56, zoom_margin=3)
+    generate_synth_zoom(
+        tmp_path, n_train=0, n_val=0, n_test=5, canvas_size=112, grid=4, zoom_size=56, zoom_margin=3
+    )
     cell = 112 // 4
     for sample in load_split(tmp_path, "test").samples:
         row, col = sample.metadata["target_row"] - 1, sample.metadata["target_col"] - 1

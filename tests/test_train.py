@@ -40,7 +40,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     latentkit(*train_args(tmp_path, "straight", f"train.steps={steps}", f"train.checkpoint_every={every}"))
 
     args = train_args(tmp_path, "killed", f"train.steps={steps}", f"train.checkpoint_every={every}")
-    process = subprocess.Popen([sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL
+    )
     checkpoint = tmp_path / "killed" / "stages" / "sft" / "checkpoints" / "step-00000020"
     deadline = time.time() + 120
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
@@ -70,29 +72,43 @@ def test_two_processes_with_gloo(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
     launch += ["--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "latentkit"]
     args = train_args(tmp_path, "ddp", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=1")
-    result = subprocess.run([*launch, *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
+    result = subprocess.run(
+        [*launch, *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    latentkit(*train_args(tmp_path, "single", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=2"))
+    latentkit(
+        *train_args(tmp_path, "single", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=2")
+    )
     two, one = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
     # Each step the two processes together see exactly the samples the single process sees.
     assert [m["tokens"] for m in two] == [m["tokens"] for m in one]
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=0.05)
-    state = (tmp_path / "ddp" / "stages" / "sft" / "checkpoints" / "step-00000003" / "trainer_state.json").read_text()
+    state = (
+        tmp_path / "ddp" / "stages" / "sft" / "checkpoints" / "step-00000003" / "trainer_state.json"
+    ).read_text()
     assert '"num_processes": 2' in state
-    assert {p.name for p in (tmp_path / "ddp" / "stages" / "sft" / "checkpoints" / "step-00000003").glob("rng-*")} == {
+    assert {
+        p.name for p in (tmp_path / "ddp" / "stages" / "sft" / "checkpoints" / "step-00000003").glob("rng-*")
+    } == {
         "rng-0.pt",
         "rng-1.pt",
     }
 
 
 def test_micro_batch_schedule_shards_the_global_batch():
-    single = micro_batch_schedule(10, seed=0, stage_index=0, start_step=0, steps=3, batch_size=4, accum=1, rank=0, world=1)
+    single = micro_batch_schedule(
+        10, seed=0, stage_index=0, start_step=0, steps=3, batch_size=4, accum=1, rank=0, world=1
+    )
     ranks = [
-        micro_batch_schedule(10, seed=0, stage_index=0, start_step=0, steps=3, batch_size=2, accum=1, rank=r, world=2)
+        micro_batch_schedule(
+            10, seed=0, stage_index=0, start_step=0, steps=3, batch_size=2, accum=1, rank=r, world=2
+        )
         for r in (0, 1)
     ]
     assert [ranks[0][s] + ranks[1][s] for s in range(3)] == single
-    resumed = micro_batch_schedule(10, seed=0, stage_index=0, start_step=2, steps=3, batch_size=4, accum=1, rank=0, world=1)
+    resumed = micro_batch_schedule(
+        10, seed=0, stage_index=0, start_step=2, steps=3, batch_size=4, accum=1, rank=0, world=1
+    )
     assert resumed == single[2:]
     first_epoch = [i for batch in single for i in batch][:10]
     assert sorted(first_epoch) == list(range(10))
@@ -102,7 +118,10 @@ def test_micro_batch_schedule_shards_the_global_batch():
     ("schedule", "expected"),
     [
         ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
-        ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]),
+        (
+            "cosine",
+            [0.5, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))],
+        ),
         ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
     ],
 )

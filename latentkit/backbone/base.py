@@ -61,7 +61,9 @@ class Backbone:
     family: ClassVar[str]
     chat: ClassVar[ChatFormat] = ChatFormat()
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, attn_backend: AttentionBackend):
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, attn_backend: AttentionBackend
+    ):
         register()
         self.model = model
         self.tokenizer = tokenizer
@@ -122,7 +124,9 @@ class Backbone:
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         # an unknown token maps to the unk id, but the unk token itself (Qwen2's is <|endoftext|>) is known
-        if token_id is None or (token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token):
+        if token_id is None or (
+            token_id == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token
+        ):
             raise KeyError(f"token {token!r} is not in the vocabulary; add it with Backbone.add_tokens")
         return int(token_id)
 
@@ -130,7 +134,9 @@ class Backbone:
         """Add special tokens (no-op for known ones); grow the embeddings when the vocabulary outgrows them."""
         missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
         if missing:
-            self.tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            self.tokenizer.add_special_tokens(
+                {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+            )
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         return [self.token_id(t) for t in tokens]

@@ -17,4 +17,8 @@ class CausalLMBackbone(Backbone):
 
     def module_groups(self) -> dict[str, nn.Module]:
         decoder = self.decoder()
-        return {"embeddings": decoder.embed_tokens, "language_model": decoder, "lm_head": self.hf_model().lm_head}
+        return {
+            "embeddings": decoder.embed_tokens,
+            "language_model": decoder,
+            "lm_head": self.hf_model().lm_head,
+        }

@@ -9,7 +9,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
-def apply_lora(model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+def apply_lora(
+    model: PreTrainedModel, r: int, alpha: float, dropout: float, target_modules: list[str]
+) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)

@@ -212,7 +212,9 @@ def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
     for row in feeding:
         count = row.feed.shape[0]
         pad = width - count
-        blocks.append(row.feed if pad == 0 else torch.cat([row.feed.new_zeros(pad, row.feed.shape[1]), row.feed]))
+        blocks.append(
+            row.feed if pad == 0 else torch.cat([row.feed.new_zeros(pad, row.feed.shape[1]), row.feed])
+        )
         first_position = row.trajectory.positions[-count]
         position_rows[row.index][pad:] = range(first_position, first_position + count)
         valid_rows[row.index][pad:] = [True] * count
@@ -225,7 +227,9 @@ def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
     chunk[torch.tensor([row.index for row in feeding], device=device)] = torch.stack(blocks).to(dtype)
     positions = torch.tensor(position_rows, device=device)
     new_valid = torch.tensor(valid_rows, device=device)
-    extras = {name: torch.tensor(v, dtype=extra_dtypes[name], device=device) for name, v in extra_rows.items()}
+    extras = {
+        name: torch.tensor(v, dtype=extra_dtypes[name], device=device) for name, v in extra_rows.items()
+    }
     valid = torch.cat([valid, new_valid], dim=1)
     if mrope:
         positions = positions[None].expand(3, size, width)

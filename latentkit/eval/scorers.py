@@ -134,13 +134,19 @@ class Scorer:
     rule: Callable[[str, str, list[str] | None, Mapping[str, Any]], ScoreResult]
 
     def score(
-        self, output: str, gold: str, choices: list[str] | None = None, metadata: Mapping[str, Any] | None = None
+        self,
+        output: str,
+        gold: str,
+        choices: list[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> ScoreResult:
         """`metadata` is the sample's metadata, for rules that need more than the gold answer (plan validity)."""
         return self.rule(output, gold, choices, metadata or {})
 
 
-def _boxed_exact(output: str, gold: str, choices: list[str] | None, metadata: Mapping[str, Any]) -> ScoreResult:
+def _boxed_exact(
+    output: str, gold: str, choices: list[str] | None, metadata: Mapping[str, Any]
+) -> ScoreResult:
     lines = [line for line in output.splitlines() if line.strip()]
     extracted = extract_boxed(output)
     if extracted is None and lines:
@@ -162,7 +168,9 @@ def _option_letter(text: str, letters: str, choices: list[str] | None) -> str | 
     return letters[options.index(normalize_text(text))] if normalize_text(text) in options else None
 
 
-def _choice_letter(output: str, gold: str, choices: list[str] | None, metadata: Mapping[str, Any]) -> ScoreResult:
+def _choice_letter(
+    output: str, gold: str, choices: list[str] | None, metadata: Mapping[str, Any]
+) -> ScoreResult:
     # MME-RealWorld-Lite has five options, so without choices E is a valid letter too.
     letters = string.ascii_uppercase[: len(choices)] if choices else "ABCDE"
     gold_letter = _option_letter(gold, letters, choices)

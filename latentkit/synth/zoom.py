@@ -238,7 +238,12 @@ def _make_sample(
 def zoom_box(box: tuple[int, int, int, int], margin: int, canvas_size: int) -> tuple[int, int, int, int]:
     """The crop (left, top, right, bottom; right/bottom exclusive) around a target's inclusive box."""
     x0, y0, x1, y1 = box
-    return (max(0, x0 - margin), max(0, y0 - margin), min(canvas_size, x1 + 1 + margin), min(canvas_size, y1 + 1 + margin))
+    return (
+        max(0, x0 - margin),
+        max(0, y0 - margin),
+        min(canvas_size, x1 + 1 + margin),
+        min(canvas_size, y1 + 1 + margin),
+    )
 
 
 def _draw_cell_layout(
