@@ -18,8 +18,10 @@ TEXT = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": False,
 }
-# head_dim 16 -> 8 rotary frequencies split over (temporal, height, width)
-MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+# head_dim 16 -> 8 rotary frequencies theta^(-i/8), split in order over (temporal, height, width). With the
+# real models' theta 1e4 the width axis got 0.003-0.0003 rad per column, so attention could not tell a tiny
+# image's columns apart; theta 4 gives height 0.71-0.5 and width 0.42-0.30 rad per merged patch.
+MROPE = {"rope_type": "default", "rope_theta": 4.0, "mrope_section": [2, 3, 3]}
 VISION = {"depth": 2, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
 
 
