@@ -1,5 +1,6 @@
 """The latent engine's batched fill (KV cache, chunked by slot) equals a one-sample, one-slot-at-a-time
-forward without a cache, under causal and Monet stage-2 masks, with images and samples of different shapes."""
+forward without a cache, under causal and Monet stage-2 masks, with images and samples of different shapes; and
+so do its gradients under every feedback option (full, truncated, none)."""
 
 from __future__ import annotations
 
@@ -98,20 +99,78 @@ def test_stage2_mask_changes_the_latents(backbone, images):
     assert not torch.allclose(plain.values[0, 2:], masked.values[0, 2:])  # block 2's prefix lost image 1
 
 
-def test_fill_keeps_the_graph_unless_detached(backbone, images):
-    layout = layout_with(backbone, images, ["q", "a"], [3])
+def mixed_layouts(backbone, images):
+    return [
+        layout_with(backbone, images, ["where is it?", "I see red", "and a circle"], [3, 2]),
+        layout_with(backbone, images, ["a much longer question about it", "ok"], [2]),
+        layout_with(backbone, images, ["no latents here"], []),
+    ]
+
+
+def parameter_gradients(backbone, loss) -> list[torch.Tensor]:
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("feedback", ["full", "truncated", "none"])
+def test_batched_fill_gradients_equal_the_reference(backbone, images, feedback):
+    """Every feedback option: the batched fill's latents and the weight gradients of a scalar of them equal the
+    one-at-a-time reference's (fp32)."""
+    layouts = mixed_layouts(backbone, images)
+    batch = collate(layouts, backbone.tokenizer.pad_token_id)
+    mask = hide_spans_outside_latents(
+        [stage2_blocks(l) for l in layouts], batch.input_ids.shape[1], batch.valid
+    )
+    slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents] for layout in layouts])
+    embeds = inputs_embeds(backbone, batch)
+    weights = torch.randn(len(layouts), 5, backbone.hidden_size, generator=torch.Generator().manual_seed(3))
+    filled = fill_latents(
+        backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in layouts], feedback
+    )
+    reference = fill_latents_reference(backbone, embeds, batch.position_ids, mask, slots, feedback)
+    for b, expected in enumerate(reference):
+        torch.testing.assert_close(filled.values[b, : len(slots[b])], expected, atol=1e-5, rtol=1e-4)
+    if feedback == "none":
+        assert not filled.values.requires_grad and not any(r.requires_grad for r in reference)
+        return
+    batched = parameter_gradients(backbone, (filled.values * weights[:, : filled.values.shape[1]]).sum())
+    one_at_a_time = parameter_gradients(
+        backbone, sum((r * weights[b, : len(r)]).sum() for b, r in enumerate(reference))
+    )
+    assert any(g.abs().sum() > 0 for g in batched)
+    for got, expected in zip(batched, one_at_a_time, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_truncated_feedback_is_the_sum_of_per_step_gradients_with_inputs_detached(backbone, images):
+    """Independent of the fill: step i's forward over its prefix with the earlier latents (from a no-gradient
+    fill) as constants; the truncated fill's gradient is the sum over steps, and differs from the full chain's."""
+    layout = layout_with(backbone, images, ["q", "a", "b"], [2, 2])
     batch = collate([layout], backbone.tokenizer.pad_token_id)
     slots = slot_positions([[(lat.start, lat.end) for lat in layout.latents]])
     length = batch.input_ids.shape[1]
-    embeds = inputs_embeds(backbone, batch)
     mask = causal_mask(1, length)
-    kept = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length])
-    assert kept.values.requires_grad
-    # The third latent depends on the first through the feedback loop.
-    first_input = torch.autograd.grad(kept.values[0, 2].sum(), kept.values, retain_graph=True)[0]
-    assert first_input is not None
-    detached = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length], detach_feedback=True)
-    assert not detached.values.requires_grad
+    embeds = inputs_embeds(backbone, batch)
+    weights = torch.randn(len(slots[0]), backbone.hidden_size, generator=torch.Generator().manual_seed(4))
+    constants = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length], "none").values[0]
+    by_step = []
+    for i, p in enumerate(slots[0]):
+        prefix = embeds[0, :p].clone()
+        for j in range(i):
+            prefix = prefix.index_put((torch.tensor([slots[0][j]]),), constants[j : j + 1])
+        out = backbone.forward(prefix[None], batch.position_ids[..., :p], mask.truncate(p))
+        by_step.append(parameter_gradients(backbone, out.last_hidden_state[0, p - 1] @ weights[i]))
+    expected = [sum(step[n] for step in by_step) for n in range(len(by_step[0]))]
+    truncated = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length], "truncated").values[
+        0
+    ]
+    got = parameter_gradients(backbone, (truncated * weights).sum())
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    full = fill_latents(backbone, embeds, batch.position_ids, mask, slots, [length], "full").values[0]
+    chained = parameter_gradients(backbone, (full * weights).sum())
+    assert max(float((a - b).abs().max()) for a, b in zip(chained, got)) > 1e-4
 
 
 def test_bad_slot_positions_are_refused(backbone):

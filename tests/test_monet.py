@@ -10,13 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from latentkit.methods.monet import Monet, MonetConfig
-from latentkit.methods.monet.layout import stage2_mask
+from latentkit.methods.monet.layout import observation_positions, stage2_mask
 from latentkit.methods.monet.losses import alignment_loss
 
 from latentkit.backbone import build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
+from latentkit.latent import FilledLatents, fill_latents
 from latentkit.layout import IGNORE_INDEX, Kind, collate, inputs_embeds, latent_slot_positions
+from latentkit.losses import weighted_next_token_ce
 from latentkit.records import load_split
 from latentkit.registry import StageContext, StageProgress, get_method
 from latentkit.segments import Sample, Segment
@@ -77,8 +79,9 @@ def context_for(method: Monet, run_dir: Path, samples: list[Sample], stage: str)
 events: list[dict] = []
 
 
-def test_stage2_mask_against_a_hand_written_dense_mask(images):
-    method = make_method()
+@pytest.mark.parametrize("start_sees_image", [True, False])
+def test_stage2_mask_against_a_hand_written_dense_mask(images, start_sees_image):
+    method = make_method(start_sees_image=start_sees_image)
     backbone = method.backbone
     layout = method.layout(two_look_sample(images), "distill")
     ids = layout.input_ids.tolist()
@@ -97,8 +100,10 @@ def test_stage2_mask_against_a_hand_written_dense_mask(images):
             for image_open, image_close, latent_start in zip(opens[1:], closes[1:], starts):
                 last_slot = latent_start + K
                 assert ids[latent_start + 1 : last_slot + 1] == [slot] * K and ids[last_slot + 1] == end
-                # rows after the image and before its latent block, and rows after the K slots, are blind to it
-                blind = image_close < row < latent_start or row > last_slot
+                # rows after the image and before its latent block (the start token's row too unless it sees the
+                # image), and rows after the K slots, are blind to it
+                first_seeing = latent_start if start_sees_image else latent_start + 1
+                blind = image_close < row < first_seeing or row > last_slot
                 if image_open <= col <= image_close and blind:
                     allowed = False
             expected[row, col] = allowed
@@ -107,6 +112,7 @@ def test_stage2_mask_against_a_hand_written_dense_mask(images):
     assert torch.equal(dense, expected)
     # The question image stays visible to the last row; the end token cannot see either auxiliary image.
     assert dense[n - 1, opens[0] + 1] and not dense[starts[0] + K + 1, opens[1] + 1]
+    assert dense[starts[0], opens[1] + 1] == start_sees_image and dense[starts[0] + 1, opens[1] + 1]
 
 
 def test_layout_weights_labels_and_latent_slots(images):
@@ -135,6 +141,27 @@ def test_layout_weights_labels_and_latent_slots(images):
         assert (layout.labels[layout.input_ids == end] == end).all()
         has_aux = any(image.kind == Kind.AUX_IMAGE for image in layout.images)
         assert has_aux == (stage == "distill")
+
+
+def test_stage1_aux_vision_start_is_a_target_only_when_asked(images):
+    """Spec stage 1: labels ignore image tokens, so by default no vision-start is a target in Monet's warm-up;
+    `train_aux_vision_start` makes each auxiliary image's one a target. The `sft` method keeps training it."""
+    sample = two_look_sample(images)
+    for train, method in ((False, make_method()), (True, make_method(train_aux_vision_start=True))):
+        layout = method.layout(sample, "warmup")
+        vision_start = method.backbone.token_id("<|vision_start|>")
+        opens = (layout.input_ids == vision_start).nonzero().squeeze(-1).tolist()
+        assert len(opens) == 3
+        assert layout.labels[opens[0]] == IGNORE_INDEX  # the question image's
+        expected = vision_start if train else IGNORE_INDEX
+        assert layout.labels[opens[1:]].tolist() == [expected, expected]
+        image_tokens = layout.input_ids == method.backbone.token_id("<|image_pad|>")
+        assert (layout.labels[image_tokens] == IGNORE_INDEX).all()
+    sft = get_method("sft")(get_method("sft").Config())
+    sft.setup(method.backbone)
+    layout = sft.layout(sample, "sft")
+    opens = (layout.input_ids == vision_start).nonzero().squeeze(-1).tolist()
+    assert layout.labels[opens[1:]].tolist() == [vision_start, vision_start]
 
 
 def test_cosine_over_the_hidden_axis_and_the_official_token_axis():
@@ -192,8 +219,6 @@ def test_alignment_gradient_reaches_the_weights_only_through_the_latents(images,
     embeds = inputs_embeds(backbone, batch)
     filled = method.fill_batch(batch, embeds, mask)
     leaf = filled.values.detach().requires_grad_(True)
-    from latentkit.latent import FilledLatents
-
     out = backbone.forward(
         FilledLatents(leaf, filled.positions).write(embeds),
         batch.position_ids,
@@ -269,3 +294,140 @@ def test_teacher_cache_holds_every_layer_at_observation_positions_and_is_rebuilt
     manifest = json.loads((tmp_path / "stages" / "distill" / "teacher" / "manifest.json").read_text())
     assert manifest["fingerprint"] == events[-1]["fingerprint"]
     assert [entry[:2] for entry in manifest["index"]] == [["test", "two"]]
+
+
+def test_cache_fingerprint_covers_the_attention_backend_and_dtype(images, tmp_path):
+    method = make_method()
+    save_final(method.backbone, method, "warmup", tmp_path / "final")
+    samples = [two_look_sample(images)]
+    seen = {method._fingerprint("teacher", tmp_path / "final", samples)}
+    method.backbone.attn_backend = "triton"
+    seen.add(method._fingerprint("teacher", tmp_path / "final", samples))
+    method.backbone.model.to(torch.float64)
+    seen.add(method._fingerprint("teacher", tmp_path / "final", samples))
+    assert len(seen) == 3
+
+
+# --- gradient paths of stages 2 and 3, each against a computation by hand ----------------------------------------
+
+
+class StubCache:
+    """Random teacher or target tensors of the right shapes, in place of a built cache."""
+
+    def __init__(self, shapes: dict[tuple[str, str], tuple[int, int, int]]):
+        generator = torch.Generator().manual_seed(5)
+        self.tensors = {key: torch.randn(*shape, generator=generator) for key, shape in shapes.items()}
+
+    def get(self, keys):
+        return [self.tensors[key] for key in keys]
+
+
+def parameter_gradients(method: Monet, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in method.backbone.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def method_gradients(method: Monet, batch, stage: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The weight gradients of the method's loss, and the filled latents with their own gradient."""
+    captured = []
+    fill = method.fill_batch
+
+    def keep_latents(*args, **kwargs):
+        filled = fill(*args, **kwargs)
+        if filled.values.requires_grad:
+            filled.values.retain_grad()
+        captured.append(filled.values)
+        return filled
+
+    method.fill_batch = keep_latents
+    loss = method.loss(method.backbone, batch, stage, StageProgress(0, 1)).loss
+    grads = parameter_gradients(method, loss)
+    loss.backward()
+    method.fill_batch = fill
+    return grads, captured[0]
+
+
+def ce_by_hand(method: Monet, batch, mask, feedback: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(CE through forward 2 with the latents as constants, CE through the latents into forward 1), separately."""
+    backbone = method.backbone
+    embeds = inputs_embeds(backbone, batch)
+    slots = [latent_slot_positions(layout) for layout in batch.layouts]
+    filled = fill_latents(
+        backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts], feedback
+    )
+    constants = filled.values.detach().requires_grad_(True)
+    out = backbone.forward(FilledLatents(constants, filled.positions).write(embeds), batch.position_ids, mask)
+    ce, _ = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
+    through_forward_2 = parameter_gradients(method, ce)
+    (at_latents,) = torch.autograd.grad(ce, constants, retain_graph=True)
+    if not filled.values.requires_grad:
+        return through_forward_2, [torch.zeros_like(g) for g in through_forward_2]
+    params = [p for p in backbone.model.parameters() if p.requires_grad]
+    into_forward_1 = torch.autograd.grad(
+        filled.values, params, grad_outputs=at_latents, allow_unused=True, retain_graph=True
+    )
+    return through_forward_2, [
+        torch.zeros_like(p) if g is None else g for p, g in zip(params, into_forward_1)
+    ]
+
+
+def norm(grads: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+
+
+def assert_gradients_equal(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fill_gradient", ["full", "truncated", "none"])
+def test_stage2_ce_reaches_forward_1_through_the_latents(images, fill_gradient):
+    """Stage 2 with latent-only backprop on (alpha 0, so the loss's gradient is CE's): the weight gradient is CE
+    through forward 2 with the latents as constants plus CE through the latents into forward 1 (the fill, with
+    the `fill_gradient` option); the second part is not zero unless `none`."""
+    method = make_method(alignment_weight=0.0, fill_gradient=fill_gradient)
+    samples = [two_look_sample(images), two_look_sample(images, "blue", "blue")]
+    batch = collate([method.layout(s, "distill") for s in samples], method.backbone.tokenizer.pad_token_id)
+    close = method.backbone.token_id("</observation>")
+    shape = (method.backbone.num_layers + 1, 0, method.backbone.hidden_size)
+    counts = [len(observation_positions(l, close)) for l in batch.layouts]
+    method.caches["teacher"] = StubCache(
+        {l.key: (shape[0], n, shape[2]) for l, n in zip(batch.layouts, counts)}
+    )
+    got, _ = method_gradients(method, batch, "distill")
+    through_forward_2, into_forward_1 = ce_by_hand(method, batch, stage2_mask(batch), fill_gradient)
+    assert_gradients_equal(got, [a + b for a, b in zip(through_forward_2, into_forward_1)])
+    if fill_gradient == "none":
+        assert norm(into_forward_1) == 0.0
+    else:
+        assert norm(into_forward_1) > 1e-3 * norm(through_forward_2)
+        assert_part_included(got, through_forward_2)
+
+
+def assert_part_included(got: list[torch.Tensor], without: list[torch.Tensor]) -> None:
+    """`got` is not the gradient without the part through forward 1 (at the comparison's tolerance)."""
+    assert not all(torch.allclose(g, w, atol=2e-5, rtol=1e-3) for g, w in zip(got, without))
+
+
+def test_stage3_fills_with_gradient_and_the_first_latent_gets_it(images):
+    """Stage 3 is ordinary backprop: the weights get CE + alignment through forward 2 and through the latents
+    into the fill, and the first latent, h(start), has a gradient."""
+    method = make_method(target_alignment_weight=0.0)
+    batch = collate(
+        [method.layout(two_look_sample(images), "latent")], method.backbone.tokenizer.pad_token_id
+    )
+    layout = batch.layouts[0]
+    shape = (method.backbone.num_layers + 1, len(latent_slot_positions(layout)), method.backbone.hidden_size)
+    method.caches["targets"] = StubCache({layout.key: shape})
+    got, latents = method_gradients(method, batch, "latent")
+    assert latents.grad is not None and float(latents.grad[0, 0].abs().sum()) > 0
+    through_forward_2, into_forward_1 = ce_by_hand(method, batch, method.mask(batch, "latent"), "full")
+    assert norm(into_forward_1) > 1e-3 * norm(through_forward_2)
+    assert_gradients_equal(got, [a + b for a, b in zip(through_forward_2, into_forward_1)])
+    assert_part_included(got, through_forward_2)
+    # With the alignment on, h(start) also gets the alignment's gradient at every latent position.
+    method.config.target_alignment_weight = 2.0
+    method.backbone.model.zero_grad(set_to_none=True)
+    _, aligned = method_gradients(method, batch, "latent")
+    assert not torch.allclose(aligned.grad[0, 0], latents.grad[0, 0])

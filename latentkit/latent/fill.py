@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -20,6 +21,11 @@ from transformers import DynamicCache
 
 from latentkit.backbone import Backbone
 from latentkit.masks import MaskSpec
+
+# How the fill's gradient flows: `full` through the whole feedback chain (each latent back into every earlier
+# latent's forward); `truncated` each latent keeps the graph of the forward that produced it, with the earlier
+# latents it read as constants; `none` no gradient into the fill.
+Feedback = Literal["full", "truncated", "none"]
 
 
 @dataclass
@@ -64,12 +70,12 @@ def fill_latents(
     mask: MaskSpec,
     slots: list[list[int]],
     lengths: list[int],
-    detach_feedback: bool = False,
+    feedback: Feedback = "full",
 ) -> FilledLatents:
     """Fill `slots` (per sample, increasing positions) of right-padded `embeds` [B, N, D] by hidden-state feedback.
 
-    `mask` covers the N positions; `lengths` are the samples' real lengths. Runs under the caller's grad mode:
-    with gradients on, the latents keep their graph (through the cache) unless `detach_feedback`.
+    `mask` covers the N positions; `lengths` are the samples' real lengths. Under the caller's grad mode, the
+    latents keep the graph `feedback` says (through the cache); `none` runs without gradient.
     """
     size, _, dim = embeds.shape
     _check_slots(slots, lengths)
@@ -89,9 +95,12 @@ def fill_latents(
         offsets.append(offsets[-1] + length)
     total = offsets[-1]
     cache_spec = _cache_mask(mask, bounds, offsets, total)
-    with _cache_kept(backbone.hf_model()):
+    with (
+        _cache_kept(backbone.hf_model()),
+        torch.set_grad_enabled(torch.is_grad_enabled() and feedback != "none"),
+    ):
         fed = _run_chunks(
-            backbone, embeds, position_ids, cache_spec, slots, bounds, chunk_lengths, offsets, detach_feedback
+            backbone, embeds, position_ids, cache_spec, slots, bounds, chunk_lengths, offsets, feedback
         )
     for b in range(size):
         if fed[b]:
@@ -122,7 +131,7 @@ def _run_chunks(
     bounds: list[list[int]],
     chunk_lengths: list[int],
     offsets: list[int],
-    detach_feedback: bool,
+    feedback: Feedback,
 ) -> list[list[torch.Tensor]]:
     size, _, dim = embeds.shape
     device = embeds.device
@@ -140,7 +149,7 @@ def _run_chunks(
             rows = torch.arange(start, end, device=device)
             chunk[b, : end - start] = embeds[b, start:end]
             if k > 0:
-                chunk[b, 0] = fed[b][k - 1]
+                chunk[b, 0] = fed[b][k - 1].detach() if feedback == "truncated" else fed[b][k - 1]
             chunk_positions[..., b, : end - start] = _gather_positions(position_ids, b, rows)
             last[b] = end - start - 1
         out = backbone.forward(chunk, chunk_positions, cache_spec.truncate(offsets[k + 1]), cache)
@@ -148,7 +157,7 @@ def _run_chunks(
         hidden = out.last_hidden_state[torch.arange(size, device=device), last]
         for b in range(size):
             if k < len(slots[b]):
-                fed[b].append(hidden[b].detach() if detach_feedback else hidden[b])
+                fed[b].append(hidden[b])
     return fed
 
 
@@ -181,18 +190,25 @@ def fill_latents_reference(
     position_ids: torch.Tensor,
     mask: MaskSpec,
     slots: list[list[int]],
+    feedback: Feedback = "full",
 ) -> list[torch.Tensor]:
-    """One sample and one slot at a time, no cache: a full forward over the prefix for every slot (tests only)."""
+    """One sample and one slot at a time, no cache: a full forward over the prefix for every slot (tests only).
+
+    Each step's input is the prefix with the latents so far written in (detached under `truncated`).
+    """
     filled = []
-    for b, positions in enumerate(slots):
-        sample = embeds[b : b + 1].clone()
-        values = []
-        for p in positions:
-            prefix_positions = position_ids[..., b : b + 1, :p]
-            out = backbone.forward(
-                sample[:, :p], prefix_positions, mask.select(torch.tensor([b])).truncate(p)
-            )
-            sample[0, p] = out.last_hidden_state[0, p - 1]
-            values.append(sample[0, p])
-        filled.append(torch.stack(values) if values else embeds.new_zeros(0, embeds.shape[-1]))
+    with torch.set_grad_enabled(torch.is_grad_enabled() and feedback != "none"):
+        for b, positions in enumerate(slots):
+            sample = embeds[b : b + 1]
+            values = []
+            for p in positions:
+                prefix_positions = position_ids[..., b : b + 1, :p]
+                out = backbone.forward(
+                    sample[:, :p], prefix_positions, mask.select(torch.tensor([b])).truncate(p)
+                )
+                latent = out.last_hidden_state[0, p - 1]
+                written = latent.detach() if feedback == "truncated" else latent
+                sample = torch.cat([sample[:, :p], written[None, None], sample[:, p + 1 :]], dim=1)
+                values.append(latent)
+            filled.append(torch.stack(values) if values else embeds.new_zeros(0, embeds.shape[-1]))
     return filled

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from latentkit.config import StrictModel
+from latentkit.latent.fill import Feedback
 
 
 class MonetConfig(StrictModel):
@@ -29,6 +30,17 @@ class MonetConfig(StrictModel):
     observation_alignment: bool = True
     cosine_axis: Literal["hidden", "token"] = "hidden"
     train_observation_tags: bool = True  # stages 2-3; stage 1 ignores the tags (spec)
+    # Choices the spec leaves open. Stage 1: whether the auxiliary image's vision-start token is a target. The spec's
+    # labels ignore image tokens, and a Monet model never asks for an image (it opens a latent block instead).
+    train_aux_vision_start: bool = False
+    # Stage 2's controlled mask: whether the start token's row sees the auxiliary image (its hidden state is the
+    # first latent); the K slot rows always do.
+    start_sees_image: bool = True
+    # Gradient through forward 1 (the latent fill) in stages 2 and 3: `full` ordinary backprop through the whole
+    # feedback chain (the spec); `truncated` each latent through the forward that produced it, the latents it read
+    # held constant (the official code); `none` no gradient into the fill (stage 2's latent-only alignment then
+    # trains nothing).
+    fill_gradient: Feedback = "full"
     cache_batch_size: int = Field(8, gt=0)  # batch of the teacher and target passes
     decode_latents: int | None = Field(None, gt=0)  # test-time K (default num_latents)
     # End a latent block early when the model samples the end token there (the official inference). Off by default:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import torch
 from latentkit.methods.monet.config import MonetConfig
-from latentkit.methods.sft import SFTConfig
-from latentkit.methods.sft.method import sft_layout
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, render_chat
@@ -16,18 +14,20 @@ from latentkit.masks import MaskSpec, hide_spans_outside_latents
 from latentkit.segments import Sample, Segment
 
 
-def warmup_config(config: MonetConfig) -> SFTConfig:
-    """Stage 1 is interleaved SFT: observation weight x2, observation tags not targets."""
-    return SFTConfig(
-        observation_weight=config.warmup_observation_weight,
-        aux_images=True,
-        observation_tags=config.observation_tags,
-        train_observation_tags=False,
-    )
-
-
 def teacher_layout(backbone: Backbone, sample: Sample, config: MonetConfig) -> Layout:
-    return sft_layout(backbone, sample, warmup_config(config))
+    """Stage 1 (interleaved SFT): auxiliary images inline, observation x2, observation tags and image tokens not
+    targets; the auxiliary image's vision-start token is one only with `train_aux_vision_start`."""
+
+    def on_aux_image(builder: LayoutBuilder, segment: Segment, segment_index: int) -> None:
+        assert segment.image is not None
+        builder.add_image(
+            segment.image, Kind.AUX_IMAGE, segment_index, start_is_target=config.train_aux_vision_start
+        )
+
+    builder = LayoutBuilder(backbone)
+    weights = ResponseWeights(config.warmup_observation_weight, config.observation_tags, False)
+    render_chat(builder, sample, on_aux_image, weights)
+    return builder.build(sample.sample_id, sample.dataset)
 
 
 def latent_layout(backbone: Backbone, sample: Sample, config: MonetConfig, keep_aux_images: bool) -> Layout:
@@ -59,12 +59,12 @@ def latent_layout(backbone: Backbone, sample: Sample, config: MonetConfig, keep_
     return builder.build(sample.sample_id, sample.dataset)
 
 
-def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
+def stage2_blocks(layout: Layout, start_sees_image: bool = True) -> list[tuple[int, int, int, int]]:
     """(image start, image end, latent start, latent end) per auxiliary image.
 
-    The image span runs from vision-start through vision-end. **Decision**: the latent block that may see the
-    image is the start token and the K slots; the end token is the first token after it, so no row outside
-    the K latents carries the image forward.
+    The image span runs from vision-start through vision-end. **Decision**: the rows that may see the image are
+    the K slots and, with `start_sees_image`, the start token (whose hidden state is the first latent); the end
+    token is the first row after them, so no row outside the latent block carries the image forward.
     """
     aux = [slot for slot in layout.images if slot.kind == Kind.AUX_IMAGE]
     if len(aux) != len(layout.latents):
@@ -72,14 +72,14 @@ def stage2_blocks(layout: Layout) -> list[tuple[int, int, int, int]]:
             f"sample {layout.sample_id}: {len(aux)} auxiliary images but {len(layout.latents)} latent blocks"
         )
     return [
-        (image.start - 1, image.end + 1, latent.start, latent.end)
+        (image.start - 1, image.end + 1, latent.start + (not start_sees_image), latent.end)
         for image, latent in zip(aux, layout.latents)
     ]
 
 
-def stage2_mask(batch: Batch) -> MaskSpec:
+def stage2_mask(batch: Batch, start_sees_image: bool = True) -> MaskSpec:
     """Controlled attention of stage 2 (specs/monet.md, stage 2 step 3)."""
-    blocks = [stage2_blocks(layout) for layout in batch.layouts]
+    blocks = [stage2_blocks(layout, start_sees_image) for layout in batch.layouts]
     return hide_spans_outside_latents(blocks, batch.input_ids.shape[1], batch.valid, batch.input_ids.device)
 
 

@@ -35,17 +35,15 @@ def alignment_loss(
     return torch.stack(per_sample).mean()
 
 
-def latent_only_proxy(
-    latents: torch.Tensor, latent_inputs: torch.Tensor, align: torch.Tensor
-) -> torch.Tensor:
+def latent_only_proxy(latents: torch.Tensor, leaf: torch.Tensor, align: torch.Tensor) -> torch.Tensor:
     """Paper eq. 9: g = dL_align/d(latents) (detached); proxy = sum <latents, g>.
 
-    `latent_inputs` is the detached leaf that forward 2 read in place of `latents` (which keep forward 1's
-    graph), so the alignment gradient reaches the weights only through the latents.
+    `leaf` is a detached copy of `latents` that forward 2 read (added to them with zero value), so g is read off
+    it; `latents` keep forward 1's graph, so the alignment gradient reaches the weights only through them.
     """
     if not align.requires_grad:
         return latents.sum() * 0.0
-    (gradient,) = torch.autograd.grad(align, latent_inputs, retain_graph=True, allow_unused=True)
+    (gradient,) = torch.autograd.grad(align, leaf, retain_graph=True, allow_unused=True)
     if gradient is None:
         return latents.sum() * 0.0
     return (latents * gradient.detach().to(latents.dtype)).sum()

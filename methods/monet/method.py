@@ -16,6 +16,7 @@ from latentkit.backbone import Backbone
 from latentkit.checkpoint import model_fingerprint
 from latentkit.errors import CheckpointError
 from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
+from latentkit.latent.fill import Feedback
 from latentkit.layout import Batch, Layout, collate, inputs_embeds, latent_slot_positions
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
@@ -51,7 +52,11 @@ class Monet(Method):
         return latent_layout(self.backbone, sample, self.config, keep_aux_images=stage == "distill")
 
     def mask(self, batch: Batch, stage: str) -> MaskSpec:
-        return stage2_mask(batch) if stage == "distill" else super().mask(batch, stage)
+        return (
+            stage2_mask(batch, self.config.start_sees_image)
+            if stage == "distill"
+            else super().mask(batch, stage)
+        )
 
     # --- stage artifacts ----------------------------------------------------------------------------------
     def prepare_stage(self, stage: str, context: StageContext) -> None:
@@ -94,6 +99,7 @@ class Monet(Method):
             "kind": kind,
             "config": self.config.model_dump(mode="json", exclude={"cache_batch_size"}),
             "dtype": str(self.backbone.model.dtype),
+            "attn_backend": self.backbone.attn_backend,
         }
         return fingerprint(model_fingerprint(weights_dir, None), samples, settings)
 
@@ -120,10 +126,10 @@ class Monet(Method):
         backbone = self.backbone
         layouts = [latent_layout(backbone, sample, self.config, keep_aux_images=True) for sample in samples]
         batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
-        mask = stage2_mask(batch)
+        mask = stage2_mask(batch, self.config.start_sees_image)
         with _eval_mode(backbone):
             embeds = inputs_embeds(backbone, batch)
-            filled = self.fill_batch(batch, embeds, mask)
+            filled = self.fill_batch(batch, embeds, mask, "none")
             out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
         return _gather(out.hidden_states, layouts, _slot_index)
 
@@ -135,12 +141,15 @@ class Monet(Method):
             return self._distill_loss(backbone, batch)
         return self._latent_loss(backbone, batch)
 
-    def fill_batch(self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec) -> FilledLatents:
-        """Forward 1: every latent slot of the batch filled by hidden-state feedback under `mask`."""
+    def fill_batch(
+        self, batch: Batch, embeds: torch.Tensor, mask: MaskSpec, feedback: Feedback | None = None
+    ) -> FilledLatents:
+        """Forward 1: every latent slot of the batch filled by hidden-state feedback under `mask`, with the
+        gradient `feedback` says (default `fill_gradient`)."""
         slots = [latent_slot_positions(layout) for layout in batch.layouts]
-        return fill_latents(
-            self.backbone, embeds, batch.position_ids, mask, slots, [len(l) for l in batch.layouts]
-        )
+        lengths = [len(layout) for layout in batch.layouts]
+        feedback = feedback or self.config.fill_gradient
+        return fill_latents(self.backbone, embeds, batch.position_ids, mask, slots, lengths, feedback)
 
     def _cache(self, kind: str) -> RepresentationCache:
         if kind not in self.caches:
@@ -150,14 +159,20 @@ class Monet(Method):
         return self.caches[kind]
 
     def _distill_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
-        """Stage 2: forward 1 fills the latents; forward 2 reads them; CE + alpha * latent-only alignment."""
+        """Stage 2: forward 1 fills the latents; forward 2 reads them; CE + alpha * latent-only alignment.
+
+        CE backpropagates through forward 2 and, through the latents, into forward 1. With latent-only backprop,
+        forward 2 reads `latents - latents.detach() + leaf` (the latents' value and graph, plus a leaf), so the
+        alignment's gradient at the latents is read off the leaf and sent into forward 1 alone (proxy).
+        """
         config = self.config
-        mask = stage2_mask(batch)
+        mask = stage2_mask(batch, config.start_sees_image)
         embeds = inputs_embeds(backbone, batch)
         filled = self.fill_batch(batch, embeds, mask)
-        latent_inputs = filled.values
-        if config.latent_only_backprop:
-            latent_inputs = filled.values.detach().requires_grad_(True)
+        latents = filled.values
+        latent_only = config.observation_alignment and config.latent_only_backprop
+        leaf = latents.detach().requires_grad_(True)
+        latent_inputs = latents - latents.detach() + leaf if latent_only else latents
         out = backbone.forward(
             FilledLatents(latent_inputs, filled.positions).write(embeds),
             batch.position_ids,
@@ -176,18 +191,18 @@ class Monet(Method):
             config.cosine_axis,
         )
         metrics["align"] = float(align.detach())
-        if config.latent_only_backprop:
-            proxy = latent_only_proxy(filled.values, latent_inputs, align)
+        if latent_only:
+            proxy = latent_only_proxy(latents, leaf, align)
             # The value reported is CE + alpha * L_align; the gradient is that of CE + alpha * proxy.
             align = proxy - proxy.detach() + align.detach()
         return LossOutput(ce + config.alignment_weight * align, metrics)
 
     def _latent_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
-        """Stage 3: latents filled without gradient; CE + weight * alignment of the latent positions to the targets."""
+        """Stage 3: latents filled with gradient (`fill_gradient`); CE + weight * alignment of the latent positions
+        to the targets, ordinary backprop."""
         mask = super().mask(batch, "latent")
         embeds = inputs_embeds(backbone, batch)
-        with torch.no_grad():
-            filled = self.fill_batch(batch, embeds, mask)
+        filled = self.fill_batch(batch, embeds, mask)
         out = backbone.forward(filled.write(embeds), batch.position_ids, mask, output_hidden_states=True)
         ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
         goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.keys)]
