@@ -206,18 +206,23 @@ class PrefixThoughts(DecodingPolicy):
     def __init__(self, k: int = 2, force: bool = True, intervention=None, placeholder: int = 0):
         self.k, self.force, self.intervention, self.placeholder = k, force, intervention, placeholder
         self.kind = int(Kind.LATENT)
+        self.keys = []
 
     def varied(self, k=None, force=None, intervention=None):
         return PrefixThoughts(
             k or self.k, self.force if force is None else force, intervention, self.placeholder
         )
 
+    def begin(self, backbone, prompts):
+        self.keys = [prompt.key for prompt in prompts]
+
     def decide(self, proposal, view):
         if view.step > 0 or not self.force:
             return Step(Token(proposal.token))
         vectors = proposal.hidden[None].expand(self.k, -1)
         if self.intervention is not None:
-            vectors = torch.stack([self.intervention(v, j) for j, v in enumerate(vectors)])
+            key = self.keys[view.row]
+            vectors = torch.stack([self.intervention(v, j, key) for j, v in enumerate(vectors)])
         return Step(Embeddings(vectors, self.kind, self.placeholder))
 
 
