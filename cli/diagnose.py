@@ -1,4 +1,5 @@
-"""`latentkit diagnose`: trigger rate, latent collapse, accuracy with latents replaced, and a test-time K sweep."""
+"""`latentkit diagnose`: trigger rate, raw and centred latent similarity, probes, accuracy with latents or inputs
+replaced (with intervals and paired tests), PRISM's gap, attention mass, and a test-time K sweep."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def diagnose_command(
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Default: the benchmark's."),
     k_sweep: str = typer.Option("1,2,4,8,12,16", "--k-sweep", help="Test-time K values, comma-separated."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise intervention."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the noise replacements, the swap derangements and the probe folds."
+    ),
     out: Path = typer.Option(
         None, "--out", help="Folder for <benchmark>-<split>.{json,md,png} (default: <run>/diagnose)."
     ),

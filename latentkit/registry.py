@@ -143,6 +143,13 @@ class Method(ABC):
 
         return DecodingPolicy()
 
+    def oracle_latents(self, samples: list[Sample], run_dir: Path | None) -> list[torch.Tensor] | None:
+        """Hook for `latentkit diagnose`: per sample [blocks, K, D], an oracle's hidden states at the sample's
+        latent slots (e.g. made with the auxiliary images visible), which the latent engine's feedback feeds to
+        the next slot (`latentkit.latent.Transplant` with shift 1); `run_dir` is the run the model comes from
+        (None for a bare model directory). None: no oracle for these samples."""
+        return None
+
     def log_probs(
         self, backbone: Backbone, trajectories: list[Trajectory], params: SamplingParams
     ) -> list[torch.Tensor]:

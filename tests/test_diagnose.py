@@ -11,17 +11,37 @@ import pytest
 import torch
 from helpers import latentkit, train_args
 from latentkit.cli.app import main
+from latentkit.kernels.dispatch import attend, prepare_mask
+from latentkit.methods.monet.method import TARGETS
 from PIL import Image
 
-from latentkit.decoding import DecodingPolicy, Embeddings, Step, Token
+from latentkit.decoding import DecodingPolicy, Embeddings, SamplingParams, Step, Token
+from latentkit.eval.answer import answer_samples
+from latentkit.eval.benchmarks import get_benchmark
 from latentkit.eval.diagnose import DiagnoseOptions, cross_input_cosine, diagnose
+from latentkit.eval.diagnose.hidden import attention_probabilities
 from latentkit.eval.model import load_eval_model
-from latentkit.latent import ContinuousPolicy
+from latentkit.eval.runner import load_eval_set
+from latentkit.latent import ContinuousPolicy, Transplant
 from latentkit.layout import Kind
+from latentkit.masks import causal_mask, with_padding
+from latentkit.representation_cache import RepresentationCache
 
 COMMON = ["--benchmark", "synth-zoom", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "3"]
 DIAGNOSE = [*COMMON, "--k-sweep", "1,2"]
-CONDITIONS = ("zeros", "constant", "noise", "dataset_mean")
+REPLACEMENTS = (
+    "identity",
+    "zeros",
+    "constant",
+    "noise",
+    "norm_matched_noise",
+    "moment_matched_noise",
+    "dataset_mean",
+    "repeat_first",
+    "swap",
+    "k=0",
+)
+INPUTS = ("image_swap", "image_blank")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +68,10 @@ def test_reports_are_written(runs, diagnosed):
     assert all((folder / f"synth-zoom-test.{suffix}").is_file() for suffix in ("json", "md", "png"))
     assert "| condition | accuracy |" in result.stdout and "## Test-time K" in result.stdout
     assert str(folder / "synth-zoom-test.png") in result.stdout
-    assert len([line for line in result.stderr.splitlines() if " K=" in line]) == 8  # one line per condition
+    # one line per condition: generated, forced, the replacements (no oracle on the test split), inputs, K sweep
+    assert (
+        len([line for line in result.stderr.splitlines() if " K=" in line]) == 2 + len(REPLACEMENTS) + 2 + 2
+    )
     with Image.open(folder / "synth-zoom-test.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 600
@@ -83,20 +106,38 @@ def test_values_are_consistent_with_the_per_sample_answers(diagnosed):
     assert report["forced"]["trigger_rate"] == 1.0  # a start token and at least one latent fit in 6 tokens
     baseline = report["interventions"]["baseline"]
     assert baseline == ("forced" if report["latents_forced"] else "generated")
-    for name in CONDITIONS:
-        result = report["interventions"]["conditions"][name]
+    conditions = {**report["interventions"]["conditions"], **report["inputs"]}
+    assert list(conditions) == [*REPLACEMENTS, *INPUTS]
+    for name in [*REPLACEMENTS, *INPUTS]:
+        result = conditions[name]
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["changed"] <= 1.0
         assert result["delta"] == pytest.approx(
             result["accuracy"] - report["interventions"]["baseline_accuracy"]
         )
         changed = [a != b for a, b in zip(column(name, "extracted"), column(baseline, "extracted"))]
         assert result["changed"] == pytest.approx(sum(changed) / 4)
+        right = column(name, "correct")
+        assert result["accuracy"] == pytest.approx(sum(right) / 4)
+        assert result["interval"]["low"] <= result["accuracy"] <= result["interval"]["high"]
+        assert result["baseline_only_correct"] == sum(
+            b and not c for b, c in zip(column(baseline, "correct"), right)
+        )
+        assert result["condition_only_correct"] == sum(
+            c and not b for b, c in zip(column(baseline, "correct"), right)
+        )
+        assert 0.0 < result["p_value"] <= 1.0
+    assert column("identity", "extracted") == column(baseline, "extracted")
+    assert report["interventions"]["identity_reproduces_baseline"]
+    assert all(steps == 0 for steps in column("k=0", "latent_steps"))
+    assert "oracle" not in conditions and any(note.startswith("oracle: skipped") for note in report["notes"])
     for point in report["k_sweep"]:
         steps = column(f"k={point['k']}", "latent_steps")
         blocks = column(f"k={point['k']}", "latent_blocks")
         assert all(s <= point["k"] * b for s, b in zip(steps, blocks))  # no block longer than its K
     collapse = report["collapse"]
     assert -1.0 <= collapse["cross_input_cosine"] <= 1.0 and collapse["mean_norm"] > 0
+    assert 0.0 <= collapse["between_input_fraction"] <= 1.0 and -1.0 <= collapse["centred_cosine"] <= 1.0
+    assert len(collapse["between_input_fraction_per_step"]) == 2
     assert collapse["latents"] == sum(column(baseline, "latent_steps"))
 
 
@@ -206,18 +247,23 @@ class PrefixThoughts(DecodingPolicy):
     def __init__(self, k: int = 2, force: bool = True, intervention=None, placeholder: int = 0):
         self.k, self.force, self.intervention, self.placeholder = k, force, intervention, placeholder
         self.kind = int(Kind.LATENT)
+        self.keys = []
 
     def varied(self, k=None, force=None, intervention=None):
         return PrefixThoughts(
-            k or self.k, self.force if force is None else force, intervention, self.placeholder
+            self.k if k is None else k, self.force if force is None else force, intervention, self.placeholder
         )
 
+    def begin(self, backbone, prompts):
+        self.keys = [prompt.key for prompt in prompts]
+
     def decide(self, proposal, view):
-        if view.step > 0 or not self.force:
+        if view.step > 0 or not self.force or self.k == 0:
             return Step(Token(proposal.token))
         vectors = proposal.hidden[None].expand(self.k, -1)
         if self.intervention is not None:
-            vectors = torch.stack([self.intervention(v, j) for j, v in enumerate(vectors)])
+            key = self.keys[view.row]
+            vectors = torch.stack([self.intervention(v, j, key) for j, v in enumerate(vectors)])
         return Step(Embeddings(vectors, self.kind, self.placeholder))
 
 
@@ -232,4 +278,85 @@ def test_diagnose_runs_on_any_continuous_policy(runs, tmp_path, monkeypatch):
     assert report["generated"]["trigger_rate"] == 1.0
     assert report["collapse"]["latents"] == 3 * 2
     assert [point["mean_latent_steps"] for point in report["k_sweep"]] == [1.0, 3.0]
-    assert set(report["interventions"]["conditions"]) == set(CONDITIONS)
+    assert set(report["interventions"]["conditions"]) == set(REPLACEMENTS)
+    assert set(report["inputs"]) == set(INPUTS)
+
+
+def test_the_whole_battery_on_training_samples_with_oracles(runs, tmp_path):
+    """On the train split the run's stage-2 target cache holds every sample: the oracle and retrieval run."""
+    model = load_eval_model(run=runs / "m")
+    options = DiagnoseOptions(
+        "synth-zoom", split="train", limit=6, batch_size=4, max_new_tokens=6, k_sweep=(1,)
+    )
+    report, paths = diagnose(model, options, tmp_path, log=lambda line: None)
+    assert all(path.is_file() for path in paths.values())
+    conditions = report["interventions"]["conditions"]
+    assert list(conditions) == [*REPLACEMENTS, "oracle"] and set(report["inputs"]) == set(INPUTS)
+    baseline = report["interventions"]["baseline"]
+    for sample in report["per_sample"]:
+        assert sample["answers"]["identity"] == sample["answers"][baseline]
+        assert sample["answers"]["oracle"]["latent_steps"] == 2
+    retrieval = report["retrieval"]
+    assert (
+        retrieval["samples"] == 6 and retrieval["chance"] == pytest.approx(1 / 6) and retrieval["steps"] == 1
+    )
+    assert 0.0 <= retrieval["top1"] <= 1.0 and 0.0 <= retrieval["top1_centred"] <= 1.0
+    probes = report["probes"]["attributes"]
+    assert {"question_type", "target_shape"} <= set(probes)
+    for probe in probes.values():
+        assert probe["samples"] == 6 and probe["classes"] >= 2 and 0.0 <= probe["accuracy"] <= 1.0
+    prism = report["prism"]
+    assert prism["samples"] == 6
+    for part in (prism["at_latents"], prism["after_block"]):
+        assert 0.0 <= part["logit_lens"] <= 1.0
+    attention = report["attention"]
+    assert attention["samples"] == 6 and attention["answer_positions"] >= 6
+    assert attention["latent"] + attention["image"] + attention["other"] == pytest.approx(1.0)
+    assert 0.0 < attention["latent"] < 1.0 and 0.0 < attention["image"] < 1.0
+    assert attention["latent_per_token"] == pytest.approx(attention["latent"] / 2, rel=1e-5)  # K=2 latents
+    for result in report["inputs"].values():
+        assert result["relative_change"] is not None and result["relative_change"] >= 0.0
+    assert report["inputs"]["image_swap"]["toward_donor"] >= 0.0
+    text = paths["md"].read_text()
+    assert "## Retrieval against the oracle" in text and "How to read this" in text
+    assert json.loads(paths["json"].read_text())["retrieval"] == retrieval
+
+
+def test_monet_oracle_is_the_cached_stage2_targets_fed_one_slot_later(runs):
+    model = load_eval_model(run=runs / "m")
+    samples = load_eval_set(
+        get_benchmark("synth-zoom"), model.config, model.run_dir, None, "train", 3, runs / "m" / "diagnose"
+    ).samples
+    oracles = model.method.oracle_latents(samples, model.run_dir)
+    cache = RepresentationCache(runs / "m" / "stages" / "distill" / TARGETS)
+    for oracle, targets in zip(oracles, cache.get([s.key for s in samples])):
+        assert oracle.shape == (1, 8, model.backbone.hidden_size)  # one auxiliary image, num_latents 8
+        assert torch.equal(oracle.flatten(0, 1), targets[-1])
+    assert model.method.oracle_latents(samples, None) is None
+    test_samples = load_eval_set(
+        get_benchmark("synth-zoom"), model.config, model.run_dir, None, "test", 2, runs / "m" / "diagnose"
+    ).samples
+    assert model.method.oracle_latents(test_samples, model.run_dir) is None  # not in the training cache
+    policy = model.method.decoding_policy()
+    oracle = Transplant({s.key: list(o) for s, o in zip(samples, oracles)}, 1, "oracle")
+    params = SamplingParams(max_new_tokens=5)
+    plain = answer_samples(model.method, samples, params, 3, policy=policy.varied(force=True))
+    fed = answer_samples(
+        model.method, samples, params, 3, policy=policy.varied(force=True, intervention=oracle)
+    )
+    for a, b, o in zip(plain, fed, oracles):
+        block_a, block_b = a.trajectories[0].blocks(policy.kind)[0], b.trajectories[0].blocks(policy.kind)[0]
+        assert torch.equal(block_b[0], block_a[0])  # h(start), the model's own
+        assert torch.equal(block_b[1], o[0, 0])  # then the target at slot 1
+
+
+def test_recomputed_attention_probabilities_reproduce_the_kernel_output():
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, heads, 5, 8, generator=generator) for heads in (4, 2, 2))
+    spec = with_padding(causal_mask(2, 5), torch.tensor([[True] * 5, [False, True, True, True, True]]))
+    mask = prepare_mask(spec, 5, "sdpa", torch.device("cpu"))
+    probabilities = attention_probabilities(query, key, mask, 0.3)
+    expected = attend(query, key, value, mask, 0.3)
+    assert torch.allclose(probabilities @ value.repeat_interleave(2, dim=1), expected, atol=1e-5)
+    assert torch.allclose(probabilities.sum(-1)[1, :, 1:], torch.ones(4, 4))
+    assert float(probabilities[1, :, :, 0].abs().sum()) == 0.0  # the padded column gets nothing

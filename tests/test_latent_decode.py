@@ -10,7 +10,19 @@ import torch
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 from latentkit.decoding import SamplingParams, decode
-from latentkit.latent import Constant, DatasetMean, LatentPolicy, LatentTokens, Noise, Zeros
+from latentkit.latent import (
+    Constant,
+    DatasetMean,
+    Identity,
+    LatentPolicy,
+    LatentTokens,
+    MomentMatchedNoise,
+    Noise,
+    NormMatchedNoise,
+    RepeatFirst,
+    Transplant,
+    Zeros,
+)
 from latentkit.layout import Kind, LayoutBuilder
 from latentkit.masks import causal_mask
 
@@ -168,19 +180,97 @@ def test_a_block_cut_by_the_token_budget_is_kept(backbone, tokens):
     assert trajectory.extras["latent_blocks"] == 1 and trajectory.extras["latent_steps"] == 2
 
 
-def test_k_must_be_positive(tokens):
-    with pytest.raises(ValueError, match="at least 1"):
-        LatentPolicy(tokens, 0)
+def test_k_must_not_be_negative(tokens):
+    with pytest.raises(ValueError, match="at least 0"):
+        LatentPolicy(tokens, -1)
+
+
+def test_k_zero_keeps_only_the_markers(backbone, tokens):
+    policy = LatentPolicy(tokens, 0, force=True, stop_at_end=False)
+    for trajectory in decode(backbone, layouts(backbone), SamplingParams(max_new_tokens=4), policy):
+        assert trajectory.input_ids[:2] == [tokens.start, tokens.end] and not trajectory.vectors
+
+
+def test_identity_reproduces_the_decoding_bit_for_bit(backbone, tokens):
+    params = SamplingParams(max_new_tokens=6)
+    plain = decode(backbone, layouts(backbone), params, LatentPolicy(tokens, 3, force=True))
+    same = decode(
+        backbone, layouts(backbone), params, LatentPolicy(tokens, 3, force=True, intervention=Identity())
+    )
+    for a, b in zip(plain, same):
+        assert a.input_ids == b.input_ids and a.log_probs == b.log_probs
+        assert a.vectors.keys() == b.vectors.keys()
+        assert all(torch.equal(a.vectors[i], b.vectors[i]) for i in a.vectors)
+
+
+def test_interventions_see_each_rows_sample_key(backbone, tokens):
+    seen = []
+
+    def recording(latent, step, key):
+        seen.append((key, step))
+        return latent
+
+    recording.name = "recording"
+    policy = LatentPolicy(tokens, 2, force=True, stop_at_end=False, intervention=recording)
+    decode(backbone, layouts(backbone), SamplingParams(max_new_tokens=4), policy)
+    assert sorted(seen) == [
+        (("test", "p0"), 0),
+        (("test", "p0"), 1),
+        (("test", "p1"), 0),
+        (("test", "p1"), 1),
+    ]
 
 
 def test_interventions_replace_by_rule():
-    latent = torch.tensor([3.0, -4.0, 0.0, 0.0])
-    assert torch.equal(Zeros()(latent, 0), torch.zeros(4))
-    assert torch.equal(Constant(torch.ones(4))(latent, 5), torch.ones(4))
+    latent, key = torch.tensor([3.0, -4.0, 0.0, 0.0]), ("d", "s")
+    assert Identity()(latent, 2, key) is latent
+    assert torch.equal(Zeros()(latent, 0, key), torch.zeros(4))
+    assert torch.equal(Constant(torch.ones(4))(latent, 5, key), torch.ones(4))
     means = torch.arange(8.0).view(2, 4)
-    assert torch.equal(DatasetMean(means)(latent, 0), means[0])
-    assert torch.equal(DatasetMean(means)(latent, 7), means[1])  # later steps take the last mean
+    assert torch.equal(DatasetMean(means)(latent, 0, key), means[0])
+    assert torch.equal(DatasetMean(means)(latent, 7, key), means[1])  # later steps take the last mean
     big = torch.full((4096,), 2.0)
-    first, again = Noise(seed=3)(big, 0), Noise(seed=3)(big, 0)
+    first, again = Noise(seed=3)(big, 0, key), Noise(seed=3)(big, 0, key)
     assert torch.equal(first, again)
     assert float(first.square().mean().sqrt()) == pytest.approx(2.0, rel=0.05)  # the latent's own scale
+
+
+def test_matched_noise_keeps_the_latents_norm_or_moments():
+    key = ("d", "s")
+    latent = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 3 + 1.5
+    norm_matched = NormMatchedNoise(seed=2)
+    first = norm_matched(latent, 0, key)
+    assert float(first.norm()) == pytest.approx(float(latent.norm()), rel=1e-5)
+    assert not torch.allclose(first, latent) and not torch.allclose(first, norm_matched(latent, 1, key))
+    assert torch.equal(first, NormMatchedNoise(seed=2)(latent, 0, key))  # seeded
+    moment = MomentMatchedNoise(seed=2)(latent, 0, key)
+    assert float(moment.mean()) == pytest.approx(float(latent.mean()), abs=1e-5)
+    assert float(moment.std()) == pytest.approx(float(latent.std()), rel=1e-5)
+    assert (
+        float(torch.nn.functional.cosine_similarity(moment - moment.mean(), latent - latent.mean(), dim=0))
+        < 0.5
+    )
+
+
+def test_repeat_first_feeds_each_blocks_first_latent_per_sample():
+    repeat, a, b = RepeatFirst(), ("d", "a"), ("d", "b")
+    x0, x1, y0, x2 = (torch.full((3,), float(v)) for v in (1, 2, 7, 9))
+    assert torch.equal(repeat(x0, 0, a), x0)
+    assert torch.equal(repeat(y0, 0, b), y0)  # another row, interleaved
+    assert torch.equal(repeat(x1, 1, a), x0) and torch.equal(repeat(x2, 2, a), x0)
+    assert torch.equal(repeat(x2, 0, a), x2)  # a new block starts from its own first latent
+
+
+def test_transplant_feeds_given_blocks_by_step_and_shift():
+    key, other = ("d", "a"), ("d", "b")
+    given = [torch.arange(6.0).view(3, 2), torch.arange(10.0, 14.0).view(2, 2)]
+    own = torch.full((2,), -1.0)
+    swap = Transplant({key: given}, 0, "swap")
+    assert [swap(own, j, key).tolist() for j in range(4)] == [[0, 1], [2, 3], [4, 5], [4, 5]]  # past 3: last
+    assert [swap(own, j, key).tolist() for j in range(3)] == [[10, 11], [12, 13], [12, 13]]  # second block
+    assert swap(own, 0, key).tolist() == [10, 11]  # a third block: the last given block
+    oracle = Transplant({key: given}, 1, "oracle")
+    assert torch.equal(oracle(own, 0, key), own)  # the first step keeps the model's own input
+    assert [oracle(own, j, key).tolist() for j in (1, 2)] == [[0, 1], [2, 3]]
+    with pytest.raises(KeyError, match="swap"):
+        swap(own, 0, other)

@@ -9,6 +9,7 @@ read h(start), h(slot 1), ..., h(slot K-1); then the end token, as in training.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
@@ -17,6 +18,7 @@ import torch
 from latentkit.backbone import Backbone
 from latentkit.decoding import DecodingPolicy, Embeddings, Proposal, RowView, Step, Token, Trajectory
 from latentkit.layout import Kind, Layout
+from latentkit.segments import SampleKey
 
 
 @dataclass(frozen=True)
@@ -27,18 +29,30 @@ class LatentTokens:
 
 
 class Intervention(Protocol):
-    """Replaces a latent before the model reads it (diagnostics); `step` is its index inside its block."""
+    """Replaces a latent before the model reads it (diagnostics). `step` is its index inside its block; `key`
+    is the (dataset, sample_id) of the row's sample, for replacements that depend on the sample (another
+    sample's latents, an oracle). A policy calls it once per continuous input, in the order it feeds them."""
 
     name: str
 
-    def __call__(self, latent: torch.Tensor, step: int) -> torch.Tensor: ...
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor: ...
+
+
+@dataclass
+class Identity:
+    """The latent unchanged: decoding through the intervention path must reproduce the baseline exactly."""
+
+    name: str = "identity"
+
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        return latent
 
 
 @dataclass
 class Zeros:
     name: str = "zeros"
 
-    def __call__(self, latent: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
         return torch.zeros_like(latent)
 
 
@@ -49,7 +63,7 @@ class Constant:
     vector: torch.Tensor
     name: str = "constant"
 
-    def __call__(self, latent: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
         return self.vector.to(latent)
 
 
@@ -61,11 +75,43 @@ class Noise:
     name: str = "noise"
     generator: torch.Generator | None = None
 
-    def __call__(self, latent: torch.Tensor, step: int) -> torch.Tensor:
-        if self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(latent.shape, generator=self.generator).to(latent)
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        noise = _gaussian(self, latent)
         return noise * latent.float().pow(2).mean().sqrt().to(latent)
+
+
+@dataclass
+class NormMatchedNoise:
+    """A uniformly random direction scaled to the latent's own Euclidean norm."""
+
+    seed: int = 0
+    name: str = "norm_matched_noise"
+    generator: torch.Generator | None = None
+
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        direction = _gaussian(self, latent).float()
+        return (direction / direction.norm() * latent.float().norm()).to(latent)
+
+
+@dataclass
+class MomentMatchedNoise:
+    """Gaussian noise standardised over the hidden dimension, then given the latent's own mean and standard
+    deviation over that dimension (its per-vector first two moments)."""
+
+    seed: int = 0
+    name: str = "moment_matched_noise"
+    generator: torch.Generator | None = None
+
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        noise, source = _gaussian(self, latent).float(), latent.float()
+        standard = (noise - noise.mean()) / noise.std()
+        return (standard * source.std() + source.mean()).to(latent)
+
+
+def _gaussian(owner: Noise | NormMatchedNoise | MomentMatchedNoise, latent: torch.Tensor) -> torch.Tensor:
+    if owner.generator is None:
+        owner.generator = torch.Generator().manual_seed(owner.seed)
+    return torch.randn(latent.shape, generator=owner.generator).to(latent)
 
 
 @dataclass
@@ -75,8 +121,47 @@ class DatasetMean:
     means: torch.Tensor
     name: str = "dataset_mean"
 
-    def __call__(self, latent: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
         return self.means[min(step, self.means.shape[0] - 1)].to(latent)
+
+
+@dataclass
+class RepeatFirst:
+    """Every step of a block is fed the block's first latent (the model's own, unchanged)."""
+
+    name: str = "repeat_first"
+    firsts: dict[SampleKey, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        if step == 0:
+            self.firsts[key] = latent
+        return self.firsts[key]
+
+
+@dataclass
+class Transplant:
+    """Latents given per sample, block by block: `blocks[key]` holds the sample's blocks ([k, D] each). Step j
+    of the row's b-th block is fed `blocks[key][b][j - shift]` (past the given blocks or steps, the last one);
+    its first `shift` steps keep the model's own input. `shift=0` feeds latents as inputs (e.g. another
+    sample's, a swap); `shift=1` feeds hidden states taken *at* latent slots (e.g. an oracle's), which the
+    latent engine's feedback gives to the next slot, while the first slot keeps h(start). A sample without
+    blocks is an error."""
+
+    blocks: Mapping[SampleKey, Sequence[torch.Tensor]]
+    shift: int = 0
+    name: str = "transplant"
+    opened: dict[SampleKey, int] = field(default_factory=dict, repr=False)  # blocks begun per sample
+
+    def __call__(self, latent: torch.Tensor, step: int, key: SampleKey) -> torch.Tensor:
+        given = self.blocks.get(key)
+        if not given:
+            raise KeyError(f"{self.name}: no latents given for sample {key}")
+        if step == 0:
+            self.opened[key] = self.opened.get(key, 0) + 1
+        if step < self.shift:
+            return latent
+        block = given[min(self.opened[key], len(given)) - 1]
+        return block[min(step - self.shift, block.shape[0] - 1)].to(latent)
 
 
 @runtime_checkable
@@ -88,6 +173,9 @@ class ContinuousPolicy(Protocol):
     force: bool
     kind: int  # the segment kind of its continuous positions
 
+    # `k` = 0 means blocks hold no continuous step (a latent method's start and end markers only); an
+    # intervention is called with each row's sample key (`Intervention`).
+
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
     ) -> ContinuousPolicy: ...
@@ -95,7 +183,7 @@ class ContinuousPolicy(Protocol):
 
 @dataclass
 class LatentPolicy(DecodingPolicy):
-    """Knobs: `k` latent steps per block, `force` (the first generated token is the start token, so every
+    """Knobs: `k` latent steps per block (0: the start token is followed at once by the end token), `force` (the first generated token is the start token, so every
     answer uses latents), `stop_at_end` (a block ends early when the model samples the end token), and an
     `intervention` replacing each latent before the model reads it."""
 
@@ -106,10 +194,11 @@ class LatentPolicy(DecodingPolicy):
     intervention: Intervention | None = None
     kind: int = int(Kind.LATENT)
     forced_rows: list[bool] = field(default_factory=list, init=False, repr=False)
+    row_keys: list[SampleKey] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"latent steps per block must be at least 1, got k={self.k}")
+        if self.k < 0:
+            raise ValueError(f"latent steps per block must be at least 0, got k={self.k}")
 
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
@@ -123,6 +212,7 @@ class LatentPolicy(DecodingPolicy):
 
     def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
         self.forced_rows = [False] * len(prompts)
+        self.row_keys = [prompt.key for prompt in prompts]
 
     def decide(self, proposal: Proposal, view: RowView) -> Step:
         trajectory, start = view.trajectory, self.tokens.start
@@ -138,7 +228,7 @@ class LatentPolicy(DecodingPolicy):
             return Step(Token(self.tokens.end, forced=not ends_early, kind=self.kind))
         latent = proposal.hidden
         if self.intervention is not None:
-            latent = self.intervention(latent, open_block)
+            latent = self.intervention(latent, open_block, self.row_keys[view.row])
         return Step(Embeddings(latent[None], self.kind, self.tokens.slot))
 
     def end(self, trajectories: list[Trajectory]) -> None:

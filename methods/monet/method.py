@@ -6,6 +6,8 @@ by latents aligned to the distill model's latents). Decoding: `latentkit.latent.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from latentkit.methods.monet.config import MonetConfig
 from latentkit.methods.monet.layout import latent_layout, observation_positions, stage2_mask, teacher_layout
@@ -211,6 +213,20 @@ class Monet(Method):
         loss = ce + self.config.target_alignment_weight * align
         metrics = {"ce": float(ce.detach()), "align": float(align.detach()), "target_tokens": float(targets)}
         return LossOutput(loss, metrics)
+
+    # --- diagnostics --------------------------------------------------------------------------------------
+    def oracle_latents(self, samples: list[Sample], run_dir: Path | None) -> list[torch.Tensor] | None:
+        """Per sample [blocks, K, D]: the stage-2 targets' last layer (the hidden states at the latent slots,
+        made with the auxiliary images visible) of samples in the run's target cache, which holds the
+        training samples; None when any sample is not there."""
+        directory = None if run_dir is None else run_dir / "stages" / "distill" / TARGETS
+        if directory is None or cache_fingerprint(directory) is None:
+            return None
+        cache = RepresentationCache(directory)
+        if any(sample.key not in cache.index for sample in samples):
+            return None
+        size = self.config.num_latents
+        return [t[-1].reshape(-1, size, t.shape[-1]) for t in cache.get([sample.key for sample in samples])]
 
     # --- decoding -----------------------------------------------------------------------------------------
     def decoding_policy(self) -> LatentPolicy:
