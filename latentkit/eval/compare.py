@@ -1,23 +1,28 @@
 """`latentkit compare`: join eval summaries into comparison.md / .csv / .json and a grouped bar chart.
 
-Rows are evaluated models (method and run), columns are benchmarks. Results of one benchmark scored under a
-different benchmark version, scorer or decoding setup are flagged in the table, never averaged together.
+Rows are evaluated models (method and run), columns are benchmarks; each cell carries a 95% Wilson interval
+over its questions. Runs that differ only by a seed suffix (`-seed3`, `-s3`) are also summarised together:
+mean over seeds with a 95% t-interval. Results of one benchmark scored under a different benchmark version,
+scorer or decoding setup are flagged in the table, never averaged together.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from latentkit.errors import DataError
+from latentkit.eval.stats import Interval, mean_interval, wilson_interval
 from latentkit.records import write_json
 
 SUMMARY_SUFFIX = ".summary.json"
 # Settings that must agree for two numbers of one benchmark to be read side by side.
 COMPARABLE_KEYS = ("benchmark_version", "scorer", "split", "num_samples", "sampling")
+SEED_SUFFIX = re.compile(r"-(?:seed|s)(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,37 @@ class Entry:
     num_samples: int
     sampling: str
     summary: str
+    low: float  # 95% Wilson interval of the accuracy over the questions (several answers per question: their
+    high: float  # mean correctness counts as the question's, an approximation)
+
+    @property
+    def seed_group(self) -> str:
+        """The label without a trailing seed suffix: runs in one group differ only by their seed."""
+        run = SEED_SUFFIX.sub("", self.run)
+        return self.label.replace(f"({self.run})", f"({run})", 1)
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """One benchmark's accuracy over the seeds of one run group."""
+
+    group: str
+    benchmark: str
+    runs: int
+    interval: Interval
+
+
+def seed_summaries(entries: list[Entry]) -> list[SeedSummary]:
+    """Mean and 95% t-interval over seeds, for every (group, benchmark) with at least two runs."""
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for entry in entries:
+        if SEED_SUFFIX.search(entry.run):
+            grouped.setdefault((entry.seed_group, entry.benchmark), []).append(entry.accuracy)
+    return [
+        SeedSummary(group, benchmark, len(values), mean_interval(values))
+        for (group, benchmark), values in grouped.items()
+        if len(values) >= 2
+    ]
 
 
 def find_summaries(inputs: list[Path]) -> list[Path]:
@@ -88,6 +124,9 @@ def load_entry(path: Path) -> Entry:
         if not sampling.get("temperature")
         else f"T={sampling['temperature']} p={sampling.get('top_p')}"
     )
+    count = int(summary.get("counts", {}).get("samples", 0))
+    accuracy = float(summary["accuracy"])
+    interval = wilson_interval(round(accuracy * count), count) if count else Interval(accuracy, 0.0, 1.0)
     return Entry(
         label=label,
         method=model.get("method", "?"),
@@ -96,13 +135,15 @@ def load_entry(path: Path) -> Entry:
         split=summary.get("split", "test"),
         benchmark_version=str(summary["benchmark_version"]),
         scorer=summary["scorer"],
-        accuracy=float(summary["accuracy"]),
+        accuracy=accuracy,
         chance_level=summary.get("chance_level"),
-        count=int(summary.get("counts", {}).get("samples", 0)),
+        count=count,
         aux_images=aux,
         num_samples=int(summary.get("num_samples", 1)),
         sampling=decoding,
         summary=str(path),
+        low=interval.low,
+        high=interval.high,
     )
 
 
@@ -123,10 +164,18 @@ def compare(inputs: list[Path], out_dir: Path) -> dict[str, Any]:
         raise DataError("nothing to compare: pass run directories or eval summaries")
     out_dir.mkdir(parents=True, exist_ok=True)
     flagged = mismatches(entries)
-    result = {"entries": [asdict(e) for e in entries], "mismatches": flagged}
+    seeds = seed_summaries(entries)
+    result = {
+        "entries": [asdict(e) for e in entries],
+        "over_seeds": [
+            {"group": s.group, "benchmark": s.benchmark, "runs": s.runs, **s.interval.to_json()}
+            for s in seeds
+        ],
+        "mismatches": flagged,
+    }
     write_json(out_dir / "comparison.json", result)
     _write_csv(entries, flagged, out_dir / "comparison.csv")
-    (out_dir / "comparison.md").write_text(markdown_table(entries, flagged), encoding="utf-8")
+    (out_dir / "comparison.md").write_text(markdown_table(entries, flagged, seeds), encoding="utf-8")
     plot(entries, flagged, out_dir / "comparison.png")
     return result
 
@@ -144,7 +193,9 @@ def _cell(entries: list[Entry], label: str, benchmark: str) -> Entry | None:
     return matching[-1] if matching else None
 
 
-def markdown_table(entries: list[Entry], flagged: dict[str, list[str]]) -> str:
+def markdown_table(
+    entries: list[Entry], flagged: dict[str, list[str]], seeds: list[SeedSummary] | None = None
+) -> str:
     columns = _columns(entries)
     header = ["model", *[f"{c} ⚠" if c in flagged else c for c in columns]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -152,7 +203,11 @@ def markdown_table(entries: list[Entry], flagged: dict[str, list[str]]) -> str:
         cells = [label]
         for column in columns:
             entry = _cell(entries, label, column)
-            cells.append("—" if entry is None else f"{100 * entry.accuracy:.1f} (n={entry.count})")
+            cells.append(
+                "—"
+                if entry is None
+                else f"{100 * entry.accuracy:.1f} [{100 * entry.low:.1f}, {100 * entry.high:.1f}] (n={entry.count})"
+            )
         lines.append("| " + " | ".join(cells) + " |")
     chance = []
     for column in columns:
@@ -160,7 +215,23 @@ def markdown_table(entries: list[Entry], flagged: dict[str, list[str]]) -> str:
         chance.append("—" if not levels else " / ".join(f"{100 * level:.1f}" for level in sorted(levels)))
     lines.append("| chance | " + " | ".join(chance) + " |")
     lines.append("")
-    lines.append("Accuracy in %. Scorers (rule-based; papers used an LLM judge, exact rules read lower): ")
+    if seeds:
+        lines += [
+            "Over seeds (mean, 95% t-interval):",
+            "",
+            "| runs | benchmark | seeds | accuracy |",
+            "|---|---|---|---|",
+        ]
+        for summary in seeds:
+            interval = summary.interval
+            lines.append(
+                f"| {summary.group} | {summary.benchmark} | {summary.runs} | {100 * interval.estimate:.1f} "
+                f"[{100 * interval.low:.1f}, {100 * interval.high:.1f}] |"
+            )
+        lines.append("")
+    lines.append(
+        "Accuracy in % with a 95% Wilson interval over the questions. Scorers (rule-based; papers used an LLM judge, exact rules read lower): "
+    )
     for column in columns:
         group = [e for e in entries if e.benchmark == column]
         scorers = sorted({e.scorer for e in group})
@@ -196,13 +267,15 @@ def plot(entries: list[Entry], flagged: dict[str, list[str]], path: Path) -> Non
     width = 0.8 / len(rows)
     figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(columns) * max(1, len(rows)) ** 0.5 + 2), 4.5))
     for index, label in enumerate(rows):
-        xs, heights = [], []
+        xs, heights, errors = [], [], [[], []]
         for position, column in enumerate(columns):
             entry = _cell(entries, label, column)
             if entry is not None:
                 xs.append(position - 0.4 + width * (index + 0.5))
                 heights.append(100 * entry.accuracy)
-        bars = axes.bar(xs, heights, width, label=label)
+                errors[0].append(100 * (entry.accuracy - entry.low))
+                errors[1].append(100 * (entry.high - entry.accuracy))
+        bars = axes.bar(xs, heights, width, label=label, yerr=errors, capsize=2)
         axes.bar_label(bars, fmt="%.0f", fontsize=7)
     for position, column in enumerate(columns):
         levels = [e.chance_level for e in entries if e.benchmark == column and e.chance_level is not None]
