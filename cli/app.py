@@ -6,7 +6,7 @@ import sys
 from typing import NoReturn
 
 import typer
-from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, generate, methods, train
+from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, generate, methods, suite, train
 
 # typer >= 0.29 vendors click as typer._click (pyproject.toml pins the tested range)
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -23,6 +23,7 @@ app.add_typer(data.app, name="data")
 app.command("eval")(evaluate.eval_command)
 app.command("generate")(generate.generate_command)
 app.command("compare")(compare.compare_command)
+app.command("suite")(suite.suite_command)
 app.command("diagnose")(diagnose.diagnose_command)
 app.add_typer(benchmarks.app, name="benchmarks")
 app.command("env")(env.env_command)
