@@ -89,12 +89,19 @@ def test_saved_config_round_trips(tmp_path):
 def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*/*.yaml")):
-        if path.parent.name == "accelerate":
+        if path.parent.name in ("accelerate", "suites"):
             continue
         raw, where = raw_config(path, [])
         from latentkit.registry import get_method
 
         build_config(get_method(raw["run"]["method"]).Config, raw, where)
+
+
+def test_shipped_suites_are_valid(tmp_path):
+    from latentkit.suite import load_suite, plan
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "suites").glob("*.yaml")):
+        assert plan(load_suite(path), tmp_path)  # every run resolves to a valid config
 
 
 def test_stage_overrides_lay_over_the_global_train_section(tmp_path):

@@ -261,13 +261,15 @@ def test_builtins_are_the_entry_points_of_latentkit_and_cover_every_method_folde
         "latentkit.methods"
     ]
     folders = {p.parent.name for p in (REPO / "methods").glob("*/__init__.py")}
-    assert set(declared) == folders, (
+    # a folder may hold a method's variants too (sft and sft-curriculum live in methods/sft/)
+    declared_folders = {value.split(":")[0].split(".")[2] for value in declared.values()}
+    assert declared_folders == folders, (
         "every folder under methods/ is declared as a latentkit.methods entry point"
     )
     from latentkit.registry import get_method, list_methods
 
     for name, value in declared.items():
-        assert value.startswith(f"latentkit.methods.{name}.")
+        assert value.startswith("latentkit.methods.")
         assert get_method(name).name == name
     listed = {info.name: info for info in list_methods()}
     assert listed["sft"].stages == ("sft",) and listed["sft"].source == declared["sft"]
