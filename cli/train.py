@@ -19,17 +19,11 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
 ) -> None:
     """Train a method. With no config: the tiny Qwen2.5-VL preset on the embedded synthetic task."""
-    from latentkit.config import build_config, raw_config
-    from latentkit.eval.periodic import training_evaluator
-    from latentkit.registry import get_method
-    from latentkit.trainer import train
+    from latentkit.api import train
 
     extra = list(overrides or [])
     if method is not None:
         extra.append(f"run.method={method}")
     if stage is not None:
         extra.append(f"train.stage={stage}")
-    raw, where = raw_config(config, extra)
-    method_name = raw.get("run", {}).get("method", "sft")
-    resolved = build_config(get_method(method_name).Config, raw, where)
-    train(resolved, resume=resume, evaluator=training_evaluator)
+    train(config, extra, resume=resume)

@@ -5,6 +5,7 @@ The CLI commands are thin layers over these; everything a command can do, a scri
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,21 @@ def resolve_config(
     """A full run config from a config object, a mapping of sections, or a YAML path, plus `key=value` overrides."""
     if isinstance(config, LatentkitConfig) and not overrides:
         return config
-    if isinstance(config, LatentkitConfig):
-        raw, where = config.model_dump(mode="json"), "the config object"
-    elif isinstance(config, Mapping):
-        raw, where = dict(config), "the config mapping"
+    if isinstance(config, (LatentkitConfig, Mapping)):
+        # a deep copy: overrides must not write into the caller's mapping
+        raw = (
+            config.model_dump(mode="json")
+            if isinstance(config, LatentkitConfig)
+            else copy.deepcopy(dict(config))
+        )
+        for text in overrides:
+            keys, value = parse_override(text)
+            apply_override(raw, keys, value)
+        where = "the config given" + (" + overrides" if overrides else "")
     else:
-        raw, where = raw_config(Path(config) if config is not None else None, [])
-    for text in overrides:
-        keys, value = parse_override(text)
-        apply_override(raw, keys, value)
+        raw, where = raw_config(Path(config) if config is not None else None, list(overrides))
     method = raw.get("run", {}).get("method", "sft")
-    return build_config(get_method(method).Config, raw, where + (" + overrides" if overrides else ""))
+    return build_config(get_method(method).Config, raw, where)
 
 
 def train(

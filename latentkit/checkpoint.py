@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -36,19 +37,38 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _save_rng_state(path: Path) -> None:
+    """Every generator's state as safetensors (tensors) plus JSON metadata (the rest): no pickle to load."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{index}"] = state
+    rest = {"python": [version, list(internal), gauss], "numpy": [kind, position, has_gauss, cached]}
+    save_file(tensors, str(path), metadata={"rng": json.dumps(rest)})
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _load_rng_state(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing (a checkpoint from an older latentkit keeps its RNG in a pickle, which is not "
+            "loaded): start that stage again, or resume from a checkpoint written by this version"
+        )
+    with safe_open(str(path), framework="pt") as handle:
+        rest = json.loads(handle.metadata()["rng"])
+    tensors = load_file(str(path))
+    version, internal, gauss = rest["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, position, has_gauss, cached = rest["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda_names = sorted(
+        (n for n in tensors if n.startswith("cuda_")), key=lambda n: int(n.removeprefix("cuda_"))
+    )
+    cuda = [tensors[name] for name in cuda_names]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(
@@ -61,7 +81,7 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), staging / f"rng-{accelerator.process_index}.pt")
+    _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -89,7 +109,7 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
         torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
     )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=False))
+    _load_rng_state(path / f"rng-{accelerator.process_index}.safetensors")
     return int(state["step"])
 
 

@@ -65,8 +65,11 @@ def run_overrides(suite: Suite, name: str, seed: int, output_dir: Path) -> list[
 
 
 def total_steps(suite: Suite, name: str, output_dir: Path) -> int:
-    """The optimizer steps a run takes over all its stages (or its one `train.stage`)."""
-    config = _config(run_overrides(suite, name, 0, output_dir), suite.runs[name].method)
+    """The optimizer steps a (not matched) run takes over all its stages (or its one `train.stage`)."""
+    return config_steps(_config(run_overrides(suite, name, 0, output_dir), suite.runs[name].method))
+
+
+def config_steps(config) -> int:
     stages = get_method(config.run.method).stages
     chosen = [config.train.stage] if config.train.stage is not None else list(stages)
     return sum(effective_train(config.train, stage).steps for stage in chosen)
@@ -111,9 +114,10 @@ def run_suite(suite: Suite, out_dir: Path, log: Callable[[str], None] = print) -
 
     benchmark = get_benchmark(suite.benchmark)
     runs_dir = out_dir / "runs"
-    directories = []
+    directories, budgets = [], {}
     for name, seed, overrides in plan(suite, runs_dir):
         config = _config(overrides, suite.runs[name].method)
+        budgets[name] = config_steps(config)
         directory = runs_dir / config.run.name
         if not (directory / "final").is_dir():
             log(f"suite: training {directory.name}")
@@ -128,4 +132,25 @@ def run_suite(suite: Suite, out_dir: Path, log: Callable[[str], None] = print) -
         summary = evaluate(load(directory), options, progress=False)
         log(f"suite: {directory.name} {suite.benchmark} accuracy {summary['accuracy']:.3f}")
         directories.append(directory)
-    return compare(directories, out_dir / "comparison")
+    result = compare(directories, out_dir / "comparison")
+    result["runs"] = [
+        {"run": name, "method": run.method, "steps": budgets[name], "steps_of": run.steps_of}
+        for name, run in suite.runs.items()
+    ]
+    with open(out_dir / "comparison" / "comparison.md", "a", encoding="utf-8") as handle:
+        handle.write(budget_table(result["runs"], suite.seeds))
+    return result
+
+
+def budget_table(runs: list[dict[str, Any]], seeds: list[int]) -> str:
+    """The suite's runs with their optimizer steps, naming the compute-matched baselines."""
+    lines = [
+        "",
+        f"Runs of the suite (seeds {', '.join(map(str, seeds))}):",
+        "",
+        "| run | method | optimizer steps | compute-matched to |",
+        "|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(f"| {run['run']} | {run['method']} | {run['steps']} | {run['steps_of'] or '—'} |")
+    return "\n".join(lines) + "\n"

@@ -106,6 +106,7 @@ def test_a_small_grid_runs_compares_and_resumes(tmp_path):
         assert 0.0 <= entry["low"] <= entry["accuracy"] <= entry["high"] <= 1.0
     table = (tmp_path / "out" / "comparison" / "comparison.md").read_text()
     assert "Over seeds" in table and "sft (sft-nocrop-seed1)" in table
+    assert "| sft-nocrop | sft | 2 | sft |" in table and "| sft | sft | 2 | — |" in table
     # rerun: nothing is retrained, the comparison is the same
     shown = latentkit("suite", str(suite_file), "--out", str(tmp_path / "out")).stdout
     assert "suite: training" not in shown and "Over seeds" in shown

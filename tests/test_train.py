@@ -90,8 +90,8 @@ def test_two_processes_with_gloo(tmp_path):
     assert {
         p.name for p in (tmp_path / "ddp" / "stages" / "sft" / "checkpoints" / "step-00000003").glob("rng-*")
     } == {
-        "rng-0.pt",
-        "rng-1.pt",
+        "rng-0.safetensors",
+        "rng-1.safetensors",
     }
 
 
@@ -128,3 +128,21 @@ def test_micro_batch_schedule_shards_the_global_batch():
 def test_lr_schedule(schedule, expected):
     config = TrainSection(steps=6, warmup_steps=2, schedule=schedule)
     assert [lr_factor(step, config) for step in range(6)] == pytest.approx(expected)
+
+
+def test_rng_state_round_trips_without_pickle(tmp_path):
+    import random
+
+    import numpy as np
+
+    from latentkit.checkpoint import _load_rng_state, _save_rng_state
+    from latentkit.errors import CheckpointError
+
+    random.seed(3), np.random.seed(4), torch.manual_seed(5)
+    _save_rng_state(tmp_path / "rng-0.safetensors")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    _load_rng_state(tmp_path / "rng-0.safetensors")
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+    with pytest.raises(CheckpointError, match="older latentkit"):
+        _load_rng_state(tmp_path / "rng-1.safetensors")

@@ -25,7 +25,7 @@ from latentkit.segments import SampleKey
 class LatentTokens:
     start: int
     end: int
-    slot: int  # the placeholder id recorded at latent positions (the training layout's slot token)
+    slot: int  # the token id recorded at latent positions: the training layout's slot token
 
 
 class Intervention(Protocol):
