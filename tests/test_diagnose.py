@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from helpers import latentkit, train_args
 from latentkit.cli.app import main
 from latentkit.kernels.dispatch import attend, prepare_mask
-from latentkit.methods.monet.method import TARGETS
+from latentkit.methods.monet.method import TARGETS, swapped_weights
 from PIL import Image
 
 from latentkit.decoding import DecodingPolicy, Embeddings, SamplingParams, Step, Token
@@ -68,9 +69,10 @@ def test_reports_are_written(runs, diagnosed):
     assert all((folder / f"synth-zoom-test.{suffix}").is_file() for suffix in ("json", "md", "png"))
     assert "| condition | accuracy |" in result.stdout and "## Test-time K" in result.stdout
     assert str(folder / "synth-zoom-test.png") in result.stdout
-    # one line per condition: generated, forced, the replacements (no oracle on the test split), inputs, K sweep
+    # one line per condition: generated, forced, the replacements, the oracle, the inputs, the K sweep
     assert (
-        len([line for line in result.stderr.splitlines() if " K=" in line]) == 2 + len(REPLACEMENTS) + 2 + 2
+        len([line for line in result.stderr.splitlines() if " K=" in line])
+        == 2 + len(REPLACEMENTS) + 1 + 2 + 2
     )
     with Image.open(folder / "synth-zoom-test.png") as image:
         image.verify()
@@ -107,8 +109,8 @@ def test_values_are_consistent_with_the_per_sample_answers(diagnosed):
     baseline = report["interventions"]["baseline"]
     assert baseline == ("forced" if report["latents_forced"] else "generated")
     conditions = {**report["interventions"]["conditions"], **report["inputs"]}
-    assert list(conditions) == [*REPLACEMENTS, *INPUTS]
-    for name in [*REPLACEMENTS, *INPUTS]:
+    assert list(conditions) == [*REPLACEMENTS, "oracle", *INPUTS]
+    for name in [*REPLACEMENTS, "oracle", *INPUTS]:
         result = conditions[name]
         assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["changed"] <= 1.0
         assert result["delta"] == pytest.approx(
@@ -129,7 +131,7 @@ def test_values_are_consistent_with_the_per_sample_answers(diagnosed):
     assert column("identity", "extracted") == column(baseline, "extracted")
     assert report["interventions"]["identity_reproduces_baseline"]
     assert all(steps == 0 for steps in column("k=0", "latent_steps"))
-    assert "oracle" not in conditions and any(note.startswith("oracle: skipped") for note in report["notes"])
+    assert not any(note.startswith("oracle: skipped") for note in report["notes"])
     for point in report["k_sweep"]:
         steps = column(f"k={point['k']}", "latent_steps")
         blocks = column(f"k={point['k']}", "latent_blocks")
@@ -278,7 +280,7 @@ def test_diagnose_runs_on_any_continuous_policy(runs, tmp_path, monkeypatch):
     assert report["generated"]["trigger_rate"] == 1.0
     assert report["collapse"]["latents"] == 3 * 2
     assert [point["mean_latent_steps"] for point in report["k_sweep"]] == [1.0, 3.0]
-    assert set(report["interventions"]["conditions"]) == set(REPLACEMENTS)
+    assert set(report["interventions"]["conditions"]) == {*REPLACEMENTS, "oracle"}
     assert set(report["inputs"]) == set(INPUTS)
 
 
@@ -333,10 +335,8 @@ def test_monet_oracle_is_the_cached_stage2_targets_fed_one_slot_later(runs):
         assert oracle.shape == (1, 8, model.backbone.hidden_size)  # one auxiliary image, num_latents 8
         assert torch.equal(oracle.flatten(0, 1), targets[-1])
     assert model.method.oracle_latents(samples, None) is None
-    test_samples = load_eval_set(
-        get_benchmark("synth-zoom"), model.config, model.run_dir, None, "test", 2, runs / "m" / "diagnose"
-    ).samples
-    assert model.method.oracle_latents(test_samples, model.run_dir) is None  # not in the training cache
+    no_aux = replace(samples[0], segments=tuple(s for s in samples[0].segments if s.kind != "aux_image"))
+    assert model.method.oracle_latents([no_aux], model.run_dir) is None
     policy = model.method.decoding_policy()
     oracle = Transplant({s.key: list(o) for s, o in zip(samples, oracles)}, 1, "oracle")
     params = SamplingParams(max_new_tokens=5)
@@ -348,6 +348,33 @@ def test_monet_oracle_is_the_cached_stage2_targets_fed_one_slot_later(runs):
         block_a, block_b = a.trajectories[0].blocks(policy.kind)[0], b.trajectories[0].blocks(policy.kind)[0]
         assert torch.equal(block_b[0], block_a[0])  # h(start), the model's own
         assert torch.equal(block_b[1], o[0, 0])  # then the target at slot 1
+
+
+def test_monet_oracle_outside_the_cache_is_computed_by_the_stage2_model(runs):
+    """Test samples are not in the target cache: the stage-2 model computes them, as it computed the cache
+    (recomputing training samples the same way gives the cached targets), and the model's own weights return."""
+    model = load_eval_model(run=runs / "m")
+    train, test = (
+        load_eval_set(
+            get_benchmark("synth-zoom"), model.config, model.run_dir, None, split, 2, runs / "m" / "diagnose"
+        ).samples
+        for split in ("train", "test")
+    )
+    before = {name: value.clone() for name, value in model.backbone.model.state_dict().items()}
+    oracles = model.method.oracle_latents([*train, *test], model.run_dir)
+    after = model.backbone.model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    distill = runs / "m" / "stages" / "distill" / "final"
+    with swapped_weights(model.backbone, distill):
+        recomputed = model.method.target_latents([*train, *test])
+    cached = RepresentationCache(runs / "m" / "stages" / "distill" / TARGETS).get([s.key for s in train])
+    for mine, theirs in zip(recomputed[:2], cached):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    for oracle, targets in zip(oracles[2:], recomputed[2:]):
+        assert oracle.shape == (1, 8, model.backbone.hidden_size)
+        assert torch.allclose(oracle.flatten(0, 1), targets[-1], atol=1e-5)  # other batch, other padding
+    final = model.method.target_latents(test)  # the final model's own pass differs: it is not stage 2's
+    assert not torch.allclose(final[0], recomputed[2])
 
 
 def test_recomputed_attention_probabilities_reproduce_the_kernel_output():

@@ -15,7 +15,8 @@ from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
 from latentkit.methods.sft.method import sft_loss
 
 from latentkit.backbone import Backbone
-from latentkit.checkpoint import model_fingerprint
+from latentkit.backbone.lora import unwrap_lora
+from latentkit.checkpoint import METHOD_FILE, model_fingerprint
 from latentkit.errors import CheckpointError
 from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
 from latentkit.latent.fill import Feedback
@@ -24,7 +25,7 @@ from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress
 from latentkit.representation_cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
-from latentkit.segments import Sample
+from latentkit.segments import Sample, SampleKey
 
 TEACHER = "teacher"
 TARGETS = "targets"
@@ -216,17 +217,30 @@ class Monet(Method):
 
     # --- diagnostics --------------------------------------------------------------------------------------
     def oracle_latents(self, samples: list[Sample], run_dir: Path | None) -> list[torch.Tensor] | None:
-        """Per sample [blocks, K, D]: the stage-2 targets' last layer (the hidden states at the latent slots,
-        made with the auxiliary images visible) of samples in the run's target cache, which holds the
-        training samples; None when any sample is not there."""
-        directory = None if run_dir is None else run_dir / "stages" / "distill" / TARGETS
-        if directory is None or cache_fingerprint(directory) is None:
+        """Per sample [blocks, K, D]: the stage-2 targets' last layer (the stage-2 model's hidden states at the
+        latent slots, made with the auxiliary images visible). Samples in the run's target cache (the training
+        samples) are read from it; the others are computed by the run's stage-2 model, swapped in for the pass.
+        None without a run, without its stage-2 model, or when a sample has no auxiliary image."""
+        if run_dir is None or not all(sample.has_aux_images for sample in samples):
             return None
-        cache = RepresentationCache(directory)
-        if any(sample.key not in cache.index for sample in samples):
+        distill_final = run_dir / "stages" / "distill" / "final"
+        if not (distill_final / METHOD_FILE).is_file():
             return None
+        directory = run_dir / "stages" / "distill" / TARGETS
+        found: dict[SampleKey, torch.Tensor] = {}
+        if cache_fingerprint(directory) is not None:
+            cache = RepresentationCache(directory)
+            cached = [sample.key for sample in samples if sample.key in cache.index]
+            found.update(zip(cached, cache.get(cached)))
+        missing = [sample for sample in samples if sample.key not in found]
+        if missing:
+            with swapped_weights(self.backbone, distill_final):
+                size = self.config.cache_batch_size
+                for start in range(0, len(missing), size):
+                    chunk = missing[start : start + size]
+                    found.update(zip((s.key for s in chunk), self.target_latents(chunk)))
         size = self.config.num_latents
-        return [t[-1].reshape(-1, size, t.shape[-1]) for t in cache.get([sample.key for sample in samples])]
+        return [found[sample.key][-1].reshape(-1, size, found[sample.key].shape[-1]) for sample in samples]
 
     # --- decoding -----------------------------------------------------------------------------------------
     def decoding_policy(self) -> LatentPolicy:
@@ -248,6 +262,23 @@ def _gather(hidden_states, layouts: list[Layout], positions_of) -> list[torch.Te
     """Per sample, every layer's hidden states at the given positions: [L+1, n, D]."""
     layers = torch.stack(hidden_states)
     return [layers[:, b, positions_of(layout).to(layers.device)] for b, layout in enumerate(layouts)]
+
+
+class swapped_weights:
+    """The backbone holds the weights of `final_dir` (an earlier stage's model) inside the block; its own after."""
+
+    def __init__(self, backbone: Backbone, final_dir: Path):
+        self.model, self.final_dir = unwrap_lora(backbone.model), final_dir
+
+    def __enter__(self) -> None:
+        self.own = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        saved = type(self.model).from_pretrained(
+            self.final_dir, local_files_only=True, dtype=self.model.dtype
+        )
+        self.model.load_state_dict(saved.state_dict())
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.load_state_dict(self.own)
 
 
 class _eval_mode:

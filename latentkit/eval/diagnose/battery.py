@@ -161,8 +161,8 @@ def diagnose(
     oracle_blocks = model.method.oracle_latents(samples, model.run_dir)
     if oracle_blocks is None:
         notes.append(
-            "oracle: skipped; the method gives no oracle latents for these samples (Monet's come from the run's "
-            "stage-2 target cache, which holds the training samples: try --split train)"
+            "oracle: skipped; the method gives no oracle latents for these samples (Monet's need the run's "
+            "stage-2 model and an auxiliary image in every sample)"
         )
     else:
         oracle = Transplant(
