@@ -12,7 +12,9 @@ app = typer.Typer(help="Datasets: generate the built-in synthetic tasks.", no_ar
 @app.command("synth")
 def synth_command(
     out: Path = typer.Option(..., "--out", help="Output folder (splits, images/, synth_info.json)."),
-    task: str = typer.Option("synth-zoom", "--task", help="synth-zoom, synth-maze or synth-arith."),
+    task: str = typer.Option(
+        "synth-zoom", "--task", help="synth-zoom, synth-maze, synth-moves or synth-arith."
+    ),
     variant: str = typer.Option(
         None, "--variant", help="zoom: open|mc, maze: plan|yesno, arith: open (default: the first listed)."
     ),

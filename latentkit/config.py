@@ -63,7 +63,7 @@ class SynthSection(StrictModel):
 
 class DataSection(StrictModel):
     path: Path | None = None  # None: the embedded synthetic task, generated into the run directory
-    task: Literal["synth-zoom", "synth-maze", "synth-arith"] = "synth-zoom"
+    task: Literal["synth-zoom", "synth-maze", "synth-moves", "synth-arith"] = "synth-zoom"
     split: str = "train"
     synth: SynthSection = SynthSection()
     on_bad_record: Literal["error", "skip"] = "error"

@@ -23,11 +23,13 @@ SPLITS = ("train", "val", "test")
 
 
 def _category(task: str, metadata: Mapping[str, Any]) -> str | None:
-    """Per-category accuracy groups: question type (zoom), plan length in moves (maze), number of steps (arith)."""
+    """Per-category accuracy groups: question type (zoom), plan length in moves (maze), number of moves (moves), number of steps (arith)."""
     if task == "synth-zoom":
         return metadata.get("question_type")
     if task == "synth-maze" and "gold_plan" in metadata:
         return f"{len(metadata['gold_plan'])} moves"
+    if task == "synth-moves" and "moves" in metadata:
+        return f"{len(metadata['moves'])} moves"
     if task == "synth-arith" and "steps" in metadata:
         return f"{len(metadata['steps'])} steps"
     return None
@@ -84,4 +86,9 @@ def _register(name: str, description: str, max_new_tokens: int) -> None:
 
 _register("synth-zoom", "fine perception on a canvas of small shapes (V*/HR-Bench-like)", 96)
 _register("synth-maze", "FrozenLake-style planning with board states as auxiliary images (VSP-like)", 384)
+_register(
+    "synth-moves",
+    "where a marker lands after moves on a board of coloured cells (a computed board state)",
+    64,
+)
 _register("synth-arith", "multi-step arithmetic word problems, text only (GSM8K-like)", 256)

@@ -20,6 +20,7 @@ from latentkit.errors import DataError
 if TYPE_CHECKING:
     from latentkit.synth.arith import ArithInfo, generate_synth_arith
     from latentkit.synth.maze import MazeInfo, generate_synth_maze
+    from latentkit.synth.moves import MovesInfo, generate_synth_moves
     from latentkit.synth.zoom import SynthInfo, chance_level, generate_synth_zoom
 
 COMMON_ARGUMENTS = frozenset({"out_dir", "n_train", "n_val", "n_test", "seed", "variant"})
@@ -29,6 +30,8 @@ _LAZY_EXPORTS = {
     "generate_synth_zoom": "latentkit.synth.zoom",
     "MazeInfo": "latentkit.synth.maze",
     "generate_synth_maze": "latentkit.synth.maze",
+    "MovesInfo": "latentkit.synth.moves",
+    "generate_synth_moves": "latentkit.synth.moves",
     "ArithInfo": "latentkit.synth.arith",
     "generate_synth_arith": "latentkit.synth.arith",
 }
@@ -114,6 +117,13 @@ SYNTH_TASKS: dict[str, SynthTask] = {
             {"plan": "plan_valid", "yesno": "boxed_exact"},
         ),
         SynthTask(
+            "synth-moves",
+            "latentkit.synth.moves:generate_synth_moves",
+            ("open",),
+            "open",
+            {"open": "boxed_exact"},
+        ),
+        SynthTask(
             "synth-arith",
             "latentkit.synth.arith:generate_synth_arith",
             ("open",),
@@ -141,11 +151,13 @@ __all__ = [
     "ArithInfo",
     "GeneratedInfo",
     "MazeInfo",
+    "MovesInfo",
     "SynthInfo",
     "SynthTask",
     "chance_level",
     "generate_synth_arith",
     "generate_synth_maze",
+    "generate_synth_moves",
     "generate_synth_zoom",
     "get_synth_task",
 ]
