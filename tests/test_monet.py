@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from latentkit.methods.monet import Monet, MonetConfig
 from latentkit.methods.monet.layout import observation_positions, stage2_mask
 from latentkit.methods.monet.losses import alignment_loss
+from latentkit.methods.monet.method import cache_mean
 
 from latentkit.backbone import build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
@@ -21,6 +22,7 @@ from latentkit.layout import IGNORE_INDEX, Kind, collate, inputs_embeds, latent_
 from latentkit.losses import weighted_next_token_ce
 from latentkit.records import load_split
 from latentkit.registry import StageContext, StageProgress, get_method
+from latentkit.representation_cache import ensure_cache
 from latentkit.segments import Sample, Segment
 from latentkit.synth.zoom import generate_synth_zoom
 from latentkit.trainer import TrainModule
@@ -431,3 +433,39 @@ def test_stage3_fills_with_gradient_and_the_first_latent_gets_it(images):
     method.backbone.model.zero_grad(set_to_none=True)
     _, aligned = method_gradients(method, batch, "latent")
     assert not torch.allclose(aligned.grad[0, 0], latents.grad[0, 0])
+
+
+def test_cache_mean_pools_tokens_by_slot_over_samples(tmp_path):
+    tensors = {"a": torch.arange(12.0).reshape(1, 4, 3), "b": torch.ones(1, 2, 3)}
+    samples = [Sample(name, "d", (Segment("text", "user", name),)) for name in tensors]
+    cache = ensure_cache(
+        tmp_path / "c",
+        "targets",
+        "f",
+        samples,
+        lambda chunk: [tensors[s.sample_id] for s in chunk],
+        1,
+        context_for(make_method(), tmp_path, samples, "latent"),
+    )
+    a = tensors["a"][0]
+    # period 2: slot 0 pools a's tokens 0 and 2 and b's token 0; slot 1 pools a's 1 and 3 and b's 1.
+    expected = torch.stack([(a[0] + a[2] + 1) / 3, (a[1] + a[3] + 1) / 3]).unsqueeze(0)
+    assert torch.allclose(cache_mean(cache, [("d", "a"), ("d", "b")], 2, chunk=1), expected)
+    one = torch.cat([a, torch.ones(2, 3)]).mean(0).reshape(1, 1, 3)
+    assert torch.allclose(cache_mean(cache, [("d", "a"), ("d", "b")], 1), one)
+
+
+def test_centred_alignment_is_not_satisfied_by_the_targets_common_part():
+    """Targets = a large shared vector + a small per-sample part. A student that is the shared vector alone carries
+    nothing of the input: the raw cosine nearly accepts it, the centred one does not."""
+    method = make_method(alignment_centre=True)
+    generator = torch.Generator().manual_seed(0)
+    common = 10.0 * torch.randn(1, 1, 8, generator=generator)
+    goals = [common + 0.3 * torch.randn(1, 2, 8, generator=generator) for _ in range(4)]
+    method.centres["targets"] = torch.cat(goals, dim=1).mean(1, keepdim=True).repeat(1, 2, 1)
+    students = [common.repeat(1, 2, 1) for _ in goals]
+    raw = alignment_loss(students, goals)
+    centred = alignment_loss(method._centred("targets", students), method._centred("targets", goals))
+    assert float(raw) < 0.01 and float(centred) > 0.9
+    assert torch.allclose(method._centred("targets", goals)[0], goals[0] - method.centres["targets"])
+    assert alignment_loss(method._centred("targets", goals), method._centred("targets", goals)) < 1e-6

@@ -29,6 +29,10 @@ class MonetConfig(StrictModel):
     latent_only_backprop: bool = True
     observation_alignment: bool = True
     cosine_axis: Literal["hidden", "token"] = "hidden"
+    # Ours, not the paper's: the alignments' cosine after subtracting the targets' mean over the training samples
+    # (per layer; in stage 3 also per latent slot). The raw targets share a large input-independent part (cross-input
+    # cosine near 1), so the uncentred cosine is nearly satisfied by latents that carry nothing of the input.
+    alignment_centre: bool = False
     train_observation_tags: bool = True  # stages 2-3; stage 1 ignores the tags (spec)
     # Choices the spec leaves open. Stage 1: whether the auxiliary image's vision-start token is a target. The spec's
     # labels ignore image tokens, and a Monet model never asks for an image (it opens a latent block instead).

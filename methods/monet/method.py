@@ -39,6 +39,7 @@ class Monet(Method):
     def __init__(self, config: MonetConfig):
         super().__init__(config)
         self.caches: dict[str, RepresentationCache] = {}
+        self.centres: dict[str, torch.Tensor] = {}  # per cache, its mean (alignment_centre)
 
     def setup(self, backbone: Backbone) -> None:
         super().setup(backbone)
@@ -75,6 +76,7 @@ class Monet(Method):
                 self.config.cache_batch_size,
                 context,
             )
+            self._centre(TEACHER, context.samples, 1)
         elif stage == "latent":
             expected = self._fingerprint(TARGETS, stages_dir / "distill" / "final", context.samples)
             directory = stages_dir / "distill" / TARGETS
@@ -92,6 +94,19 @@ class Monet(Method):
             )
             if rebuild:
                 context.load_stage_weights("warmup")  # back to this stage's initial weights
+            self._centre(TARGETS, context.samples, self.config.num_latents)
+
+    def _centre(self, kind: str, samples: list[Sample], period: int) -> None:
+        """With `alignment_centre`, the mean of the `kind` cache over `samples`: [layers, period, D], the vector at
+        token j averaged over every j' = j mod `period` (1: one mean per layer; K: one per latent slot)."""
+        if self.config.alignment_centre:
+            self.centres[kind] = cache_mean(self.caches[kind], [sample.key for sample in samples], period)
+
+    def _centred(self, kind: str, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        if kind not in self.centres:
+            return items
+        centre = self.centres[kind]
+        return [item - centre.to(item).repeat(1, item.shape[1] // centre.shape[1], 1) for item in items]
 
     def _fingerprint(self, kind: str, weights_dir, samples: list[Sample]) -> str:
         if not weights_dir.is_dir():
@@ -188,10 +203,9 @@ class Monet(Method):
             return LossOutput(ce, metrics)
         close = backbone.token_id(config.observation_tags[1])
         teachers = [t.to(embeds.device) for t in self._cache(TEACHER).get(batch.keys)]
+        students = _gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close))
         align = alignment_loss(
-            _gather(out.hidden_states, batch.layouts, lambda l: observation_positions(l, close)),
-            teachers,
-            config.cosine_axis,
+            self._centred(TEACHER, students), self._centred(TEACHER, teachers), config.cosine_axis
         )
         metrics["align"] = float(align.detach())
         if latent_only:
@@ -210,7 +224,7 @@ class Monet(Method):
         ce, targets = weighted_next_token_ce(backbone, out.last_hidden_state, batch.labels, batch.loss_weight)
         goals = [t.to(embeds.device) for t in self._cache(TARGETS).get(batch.keys)]
         students = _gather(out.hidden_states, batch.layouts, _slot_index)
-        align = alignment_loss(students, goals, "hidden")
+        align = alignment_loss(self._centred(TARGETS, students), self._centred(TARGETS, goals), "hidden")
         loss = ce + self.config.target_alignment_weight * align
         metrics = {"ce": float(ce.detach()), "align": float(align.detach()), "target_tokens": float(targets)}
         return LossOutput(loss, metrics)
@@ -252,6 +266,24 @@ class Monet(Method):
             force=self.config.decode_force,
             stop_at_end=self.config.decode_stop_at_end,
         )
+
+
+def cache_mean(
+    cache: RepresentationCache, keys: list[SampleKey], period: int, chunk: int = 256
+) -> torch.Tensor:
+    """Mean of the cached [layers, n, D] tensors of `keys`, token j pooled with every j' = j mod `period`:
+    [layers, period, D], in float64 and read a chunk of samples at a time."""
+    total: torch.Tensor | None = None
+    count = 0
+    for start in range(0, len(keys), chunk):
+        for tensor in cache.get(keys[start : start + chunk]):
+            layers, n, dim = tensor.shape
+            folded = tensor.double().reshape(layers, n // period, period, dim)
+            total = folded.sum(1) if total is None else total + folded.sum(1)
+            count += n // period
+    if total is None or count == 0:
+        raise ValueError("alignment_centre: the cache holds no vectors for these samples")
+    return (total / count).float()
 
 
 def _slot_index(layout: Layout) -> torch.Tensor:
