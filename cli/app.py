@@ -11,6 +11,8 @@ from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, ge
 # typer >= 0.29 vendors click as typer._click (pyproject.toml pins the tested range)
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
 app = typer.Typer(
     help="latentkit: train and compare latent-reasoning methods for vision-language models.",
     no_args_is_help=True,
@@ -37,7 +39,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 def main(argv: list[str] | None = None) -> None:
     """Entry point. A user error (a latentkit error, or a command line that does not parse: unknown command or
     option, bad value, missing argument) prints one line on stderr and exits 2; --debug shows the traceback
-    of latentkit errors."""
+    of latentkit errors. Ctrl-C prints one line and exits 130."""
     from latentkit.errors import LatentkitError
 
     args = sys.argv[1:] if argv is None else list(argv)
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_usage_message(exc))
     except typer.TyperException as exc:  # any other error typer's parser reports
         _fail(" ".join(exc.format_message().split()))
+    if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this code
+        typer.echo(
+            "interrupted at once: nothing after the last checkpoint was saved (train: continue with --resume)",
+            err=True,
+        )
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
