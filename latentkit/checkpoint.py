@@ -17,7 +17,7 @@ from torch import nn
 
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
-from latentkit.errors import CheckpointError
+from latentkit.errors import CheckpointError, writing
 from latentkit.registry import Method
 
 STATE_FILE = "trainer_state.json"
@@ -26,6 +26,9 @@ METHOD_MODULES_FILE = "method_modules.safetensors"
 MANIFEST_FILE = "manifest.json"
 _FINGERPRINT_BYTES = 1 << 20
 _HASH_CHUNK = 1 << 24
+_MODEL_FILE_SUFFIXES = frozenset(
+    {".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".bin", ".py"}
+)
 
 
 def checkpoint_dir(stage_dir: Path, step: int) -> Path:
@@ -137,17 +140,24 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes}
-        (staging / STATE_FILE).write_text(json.dumps(state) + "\n")
-        write_manifest(staging)
-        staging.rename(final)
+    try:
+        with writing(staging):
+            _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
+                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+                torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "num_processes": accelerator.num_processes}
+                (staging / STATE_FILE).write_text(json.dumps(state) + "\n")
+                write_manifest(staging)
+                staging.rename(final)
+    except OSError:
+        shutil.rmtree(
+            staging, ignore_errors=True
+        )  # frees the space a full disk needs; older checkpoints stay
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -194,13 +204,14 @@ def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> 
     """A stage's output: HF-format backbone plus the method's own modules, written atomically."""
     staging = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    backbone.save(staging)
-    if len(list(method.modules.parameters())) > 0:
-        save_file(
-            {k: v.contiguous() for k, v in method.modules.state_dict().items()},
-            str(staging / METHOD_MODULES_FILE),
-        )
-    (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
+    with writing(staging):
+        backbone.save(staging)
+        if len(list(method.modules.parameters())) > 0:
+            save_file(
+                {k: v.contiguous() for k, v in method.modules.state_dict().items()},
+                str(staging / METHOD_MODULES_FILE),
+            )
+        (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
     replace_directory(staging, target)
 
 
@@ -216,12 +227,23 @@ def load_final_weights(module: nn.Module, final_dir: Path) -> None:
         module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))
 
 
+def model_files(model_dir: Path) -> list[Path]:
+    """The files that make up a model directory: weights, configs, tokenizer and processor files at its top level
+    and a LoRA `adapter/`; never outputs written beside them (eval results, diagnoses, temp files)."""
+    candidates = [*model_dir.glob("*"), *model_dir.glob("adapter/*")]
+    return sorted(
+        p
+        for p in candidates
+        if p.is_file() and not p.name.startswith(".") and p.suffix in _MODEL_FILE_SUFFIXES
+    )
+
+
 def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:
     """sha256 over the run config and every model file's name, size and first and last MiB."""
     digest = hashlib.sha256()
     if run_dir is not None:
         digest.update((run_dir / "config.yaml").read_bytes())
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+    for path in model_files(model_dir):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(model_dir)}:{size}".encode())
         with open(path, "rb") as handle:

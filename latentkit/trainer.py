@@ -36,7 +36,7 @@ from latentkit.checkpoint import (
 )
 from latentkit.config import LatentkitConfig, TrainSection, effective_train, resolve_stages, save_config
 from latentkit.data import load_training_records
-from latentkit.errors import CheckpointError, ConfigError, DataError
+from latentkit.errors import CheckpointError, ConfigError, DataError, writing
 from latentkit.interrupt import StopRequest, TrainingInterrupted
 from latentkit.layout import Batch, Layout, collate
 from latentkit.optim import (
@@ -513,7 +513,8 @@ def _evaluate(run: Run, accelerator: Any, module: nn.Module, stage: str, step: i
 
 def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
     if accelerator.is_main_process:
-        with open(run.directory / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        path = run.directory / "metrics.jsonl"
+        with writing(path), open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     if "event" not in record:
         accelerator.log(
