@@ -121,7 +121,7 @@ class TrainSection(StrictModel):
     lr: float = Field(2e-3, gt=0)
     # module group (vision, embeddings, language_model, lm_head, method) -> lr
     module_lr: dict[str, float] = {}
-    freeze: list[str] = ["vision"]
+    freeze: list[str] | None = None  # None: the vision tower, when the model has one
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(10, ge=0)

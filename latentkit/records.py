@@ -1,9 +1,9 @@
-"""Canonical record loader: Monet-SFT-125K conversation records -> typed `Sample`s (DESIGN.md, "Canonical record").
+"""Canonical record loader: Monet-SFT-125K conversation records -> typed `Sample`s (README.md, "Data").
 
 A record is `{"data": [system, user, assistant], "metadata": {"dataset_name", "sample_id", "answer", ...}}`;
 each turn is `{"role", "content": [{"type": "text", "text"} | {"type": "image", "image": <relative path>}]}`.
 In the assistant turn a text item ending in the latent marker is followed by the auxiliary image it stands
-for, and key visual facts are wrapped in observation tags (specs/monet.md, "Data (Monet-SFT-125K)").
+for, and key visual facts are wrapped in observation tags (README.md, "Data").
 """
 
 from __future__ import annotations

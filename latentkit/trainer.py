@@ -226,9 +226,16 @@ def train(config: LatentkitConfig, resume: bool = False, evaluator: EvaluatorFac
             "train.eval_every is set but no evaluator was given: use latentkit.train(...) or the CLI, or pass "
             "evaluator=latentkit.eval.periodic.training_evaluator"
         )
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    if not config.train.progress:  # also transformers' own bars (loading weights, writing shards)
+        hf_logging.disable_progress_bar()
     try:
         return _train(config, resume, evaluator)
     finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         _reset_accelerate()
@@ -523,5 +530,5 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
 
 
 StageLoop = Callable[[Run, Any, nn.Module, list[Sample], str, int], None]
-# One training loop per stage kind (DESIGN.md, "Trainer"); the RL loop joins as "rl".
+# One training loop per stage kind (docs/design.md, "Training"); the RL loop joins as "rl".
 STAGE_LOOPS: dict[str, StageLoop] = {"supervised": _run_stage}

@@ -457,3 +457,44 @@ def test_a_full_disk_during_eval_names_the_results_file(trained, tmp_path, capsy
     args += ["--data", str(trained / "data" / "synth-zoom"), "--split", "train"]  # the run has no test split
     line = one_line_error(*run_cli(capsys, *args, "--out", str(out), "--no-progress")[::2])
     assert f"cannot access {out}: No space left on device" in line
+
+
+# --- friction ------------------------------------------------------------------------------------------------------
+
+
+def test_every_doc_reference_points_inside_the_repository():
+    """A document named in the source or docs (a path ending in .md, an upper-case name such as a design doc, a
+    spec) is a file in the repository."""
+    import re
+
+    reference = re.compile(r"(?<![\w/.-])((?:[\w-]+/)+[\w-]+\.md|[A-Z][A-Z_-]*\.md)\b|spec: ([\w/-]+\.md)")
+    missing = []
+    for path in REPO.rglob("*"):
+        if path.suffix not in (".py", ".md", ".yaml", ".toml") or ".venv" in path.parts or not path.is_file():
+            continue
+        for found in reference.finditer(path.read_text(encoding="utf-8")):
+            name = found.group(1) or found.group(2)
+            if not (REPO / name).is_file() and not (path.parent / name).is_file():
+                missing.append(f"{path.relative_to(REPO)}: {name}")
+    assert not missing, missing
+
+
+def test_a_text_only_preset_trains_with_the_default_freeze(tmp_path, capsys):
+    args = train_args(
+        tmp_path, "text", "model.preset=tiny-causal-lm", "data.task=synth-arith", "train.steps=1"
+    )
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+
+
+def test_progress_false_silences_every_bar_and_nothing_is_deprecated(tmp_path, capsys):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Monet loads earlier stages' weights (transformers' "Loading weights" bar) and writes three finals
+        code, _, err = run_cli(capsys, *train_args(tmp_path, "quiet", "--method", "monet", "train.steps=1"))
+    assert code == 0, err
+    assert not [line for line in err.splitlines() if "it/s" in line or "%|" in line], err
+    deprecated = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert not deprecated, [f"{w.filename}:{w.lineno}: {w.message}" for w in deprecated]

@@ -1,4 +1,4 @@
-"""Rule-based answer scorers (specs/benchmarks.md): boxed answer, option letter, normalised exact match,
+"""Rule-based answer scorers (README.md, "Evaluation and comparison"): boxed answer, option letter, normalised exact match,
 number, and plan validity for FrozenLake mazes (synth-maze, VSP).
 
 The papers' numbers used an LLM judge; these rules read lower, so every report names the scorer it used.

@@ -1,5 +1,5 @@
-"""`latentkit diagnose`: do a latent method's latents matter? (DESIGN.md, "Who uses it" 3; specs/monet.md,
-"Results to know": collapse, trigger rate, constant-latent accuracy.) Works on any method whose decoding
+"""`latentkit diagnose`: do a latent method's latents matter? (README.md, "Monet", "Do the
+latents matter?": collapse, trigger rate, constant-latent accuracy.) Works on any method whose decoding
 policy is a `latentkit.latent.ContinuousPolicy`.
 
 The battery, every decoding greedy and through `answer_samples` as `eval` decodes:
