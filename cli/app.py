@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import NoReturn
 
@@ -10,6 +11,8 @@ from latentkit.cli import benchmarks, compare, data, diagnose, env, evaluate, ge
 
 # typer >= 0.29 vendors click as typer._click (pyproject.toml pins the tested range)
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
+INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
 
 app = typer.Typer(
     help="latentkit: train and compare latent-reasoning methods for vision-language models.",
@@ -37,7 +40,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show the full trace
 def main(argv: list[str] | None = None) -> None:
     """Entry point. A user error (a latentkit error, or a command line that does not parse: unknown command or
     option, bad value, missing argument) prints one line on stderr and exits 2; --debug shows the traceback
-    of latentkit errors."""
+    of latentkit errors. Ctrl-C prints one line and exits 130."""
     from latentkit.errors import LatentkitError
 
     args = sys.argv[1:] if argv is None else list(argv)
@@ -53,9 +56,36 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     except UsageError as exc:
         _fail(_usage_message(exc))
+    except OSError as exc:
+        if "--debug" in args:
+            raise
+        _fail(os_error_message(exc))
     except typer.TyperException as exc:  # any other error typer's parser reports
         _fail(" ".join(exc.format_message().split()))
+    if code == INTERRUPTED:  # typer turns a KeyboardInterrupt into this code
+        typer.echo(
+            "interrupted at once: nothing after the last checkpoint was saved (train: continue with --resume)",
+            err=True,
+        )
     raise SystemExit(code if isinstance(code, int) else 0)
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere (run.output_dir=..., --out ...)",
+    errno.EDQUOT: "free some space or write elsewhere (run.output_dir=..., --out ...)",
+    errno.EACCES: "choose a folder you may write to (run.output_dir=..., --out ...)",
+    errno.EPERM: "choose a folder you may write to (run.output_dir=..., --out ...)",
+    errno.EROFS: "the file system is read-only: choose another folder (run.output_dir=..., --out ...)",
+    errno.ENOENT: "check that the path exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """`cannot write runs/x/config.yaml: No space left on device (free some space ...)`."""
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    hint = _OS_HINTS.get(exc.errno) if exc.errno is not None else None
+    return f"cannot access{where}: {exc.strerror or exc}" + (f" ({hint})" if hint else "")
 
 
 def _usage_message(exc: UsageError) -> str:

@@ -25,9 +25,22 @@ def synth_command(
     knob: list[str] = typer.Option(
         None, "--knob", help="Task knob name=value, repeatable, e.g. --knob grid_size=5 --knob max_moves=6."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Write into a folder that is not empty (files of the same names are replaced).",
+    ),
 ) -> None:
     """Generate a synthetic task deterministically from a seed."""
+    from latentkit.errors import ConfigError
     from latentkit.synth import get_synth_task
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(
+            f"--out {out} is not empty: pass a new or empty folder, or --overwrite to replace what is there"
+        )
 
     synth_task = get_synth_task(task)
     chosen = synth_task.check_variant(variant or synth_task.default_variant)

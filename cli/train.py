@@ -19,11 +19,18 @@ def train_command(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
 ) -> None:
     """Train a method. With no config: the tiny Qwen2.5-VL preset on the embedded synthetic task."""
+    from latentkit.cli.app import INTERRUPTED
+
     from latentkit.api import train
+    from latentkit.interrupt import TrainingInterrupted
 
     extra = list(overrides or [])
     if method is not None:
         extra.append(f"run.method={method}")
     if stage is not None:
         extra.append(f"train.stage={stage}")
-    train(config, extra, resume=resume)
+    try:
+        train(config, extra, resume=resume)
+    except TrainingInterrupted as exc:  # typer would swallow it (a KeyboardInterrupt) without a word
+        typer.echo(f"interrupted: {exc}", err=True)
+        raise SystemExit(INTERRUPTED) from None

@@ -1,4 +1,5 @@
-"""Segment-masked attention in Triton: forward and backward with per-tile classification (spec: attention.md).
+"""Segment-masked attention in Triton: forward and backward with per-tile classification
+(docs/benchmarks.md, "Segment-masked attention kernels").
 
 The mask is a `MaskSpec` (causal plus two hidden-row intervals per key column), never an N x N tensor. A
 pre-pass (`key_tile_bounds`, O(N)) reduces every 16 key columns to the min/max of their interval bounds;

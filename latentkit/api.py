@@ -1,4 +1,4 @@
-"""The Python API for notebooks and scripts: `train`, `load`, `generate`, `evaluate` (DESIGN.md, "Script it").
+"""The Python API for notebooks and scripts: `train`, `load`, `generate`, `evaluate` (README.md, "From Python").
 
 The CLI commands are thin layers over these; everything a command can do, a script can do in one process.
 """

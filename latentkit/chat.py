@@ -28,7 +28,7 @@ def drop_aux_image(builder: LayoutBuilder, segment: Segment, segment_index: int)
 
 @dataclass(frozen=True)
 class ResponseWeights:
-    """Loss weights of assistant tokens; observation tags are not targets unless asked (specs/monet.md stage 1)."""
+    """Loss weights of assistant tokens; observation tags are not targets unless asked (Monet, arXiv 2511.21395, stage 1)."""
 
     observation: float = 1.0
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")

@@ -17,24 +17,83 @@ from torch import nn
 
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
-from latentkit.errors import CheckpointError
+from latentkit.errors import CheckpointError, writing
 from latentkit.registry import Method
 
 STATE_FILE = "trainer_state.json"
 METHOD_FILE = "latentkit_method.json"
 METHOD_MODULES_FILE = "method_modules.safetensors"
+MANIFEST_FILE = "manifest.json"
 _FINGERPRINT_BYTES = 1 << 20
+_HASH_CHUNK = 1 << 24
+_MODEL_FILE_SUFFIXES = frozenset(
+    {".safetensors", ".json", ".jinja", ".txt", ".model", ".tiktoken", ".bin", ".py"}
+)
 
 
 def checkpoint_dir(stage_dir: Path, step: int) -> Path:
     return stage_dir / "checkpoints" / f"step-{step:08d}"
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint (temp dirs of an interrupted save are never complete)."""
-    found = sorted((stage_dir / "checkpoints").glob("step-*"))
-    complete = [path for path in found if (path / STATE_FILE).is_file()]
-    return complete[-1] if complete else None
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Every file's size and sha256, written last: a checkpoint without it never finished saving."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """What is wrong with a checkpoint (missing manifest, missing, truncated or changed file), or None."""
+    try:
+        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}: its save never finished"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{MANIFEST_FILE} is unreadable ({exc})"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    if STATE_FILE not in files:
+        return f"the manifest lists no {STATE_FILE}"
+    return None
+
+
+def latest_checkpoint(stage_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and every newer one that does not with its problem."""
+    rejected = []
+    for path in sorted((stage_dir / "checkpoints").glob("step-*"), reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path, rejected
+        rejected.append((path, problem))
+    return None, rejected
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move a checkpoint that failed verification out of the way (kept for inspection, never loaded)."""
+    target = checkpoint.with_name(f"corrupt-{checkpoint.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    checkpoint.rename(target)
+    return target
+
+
+def remove_stale_temp_dirs(stage_dir: Path) -> None:
+    """Temp dirs of saves that were interrupted (their checkpoints were never published)."""
+    for staging in (stage_dir / "checkpoints").glob(".tmp-step-*"):
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_rng_state(path: Path) -> None:
@@ -81,16 +140,24 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes}
-        (staging / STATE_FILE).write_text(json.dumps(state) + "\n")
-        staging.rename(final)
+    try:
+        with writing(staging):
+            _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
+                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+                torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "num_processes": accelerator.num_processes}
+                (staging / STATE_FILE).write_text(json.dumps(state) + "\n")
+                write_manifest(staging)
+                staging.rename(final)
+    except OSError:
+        shutil.rmtree(
+            staging, ignore_errors=True
+        )  # frees the space a full disk needs; older checkpoints stay
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -114,7 +181,7 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
 
 
 def prune_checkpoints(stage_dir: Path, keep: int) -> None:
-    complete = sorted(p for p in (stage_dir / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
+    complete = sorted(p for p in (stage_dir / "checkpoints").glob("step-*") if (p / MANIFEST_FILE).is_file())
     for old in complete[:-keep]:
         shutil.rmtree(old)
 
@@ -137,13 +204,14 @@ def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> 
     """A stage's output: HF-format backbone plus the method's own modules, written atomically."""
     staging = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
-    backbone.save(staging)
-    if len(list(method.modules.parameters())) > 0:
-        save_file(
-            {k: v.contiguous() for k, v in method.modules.state_dict().items()},
-            str(staging / METHOD_MODULES_FILE),
-        )
-    (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
+    with writing(staging):
+        backbone.save(staging)
+        if len(list(method.modules.parameters())) > 0:
+            save_file(
+                {k: v.contiguous() for k, v in method.modules.state_dict().items()},
+                str(staging / METHOD_MODULES_FILE),
+            )
+        (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
     replace_directory(staging, target)
 
 
@@ -159,12 +227,23 @@ def load_final_weights(module: nn.Module, final_dir: Path) -> None:
         module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))
 
 
+def model_files(model_dir: Path) -> list[Path]:
+    """The files that make up a model directory: weights, configs, tokenizer and processor files at its top level
+    and a LoRA `adapter/`; never outputs written beside them (eval results, diagnoses, temp files)."""
+    candidates = [*model_dir.glob("*"), *model_dir.glob("adapter/*")]
+    return sorted(
+        p
+        for p in candidates
+        if p.is_file() and not p.name.startswith(".") and p.suffix in _MODEL_FILE_SUFFIXES
+    )
+
+
 def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:
     """sha256 over the run config and every model file's name, size and first and last MiB."""
     digest = hashlib.sha256()
     if run_dir is not None:
         digest.update((run_dir / "config.yaml").read_bytes())
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+    for path in model_files(model_dir):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(model_dir)}:{size}".encode())
         with open(path, "rb") as handle:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from latentkit.errors import ConfigError
+from latentkit.errors import ConfigError, writing
 
 
 class StrictModel(BaseModel):
@@ -67,6 +67,7 @@ class DataSection(StrictModel):
     split: str = "train"
     synth: SynthSection = SynthSection()
     on_bad_record: Literal["error", "skip"] = "error"
+    allow_outside_paths: bool = False  # image paths may point outside the dataset folder
     latent_marker: str = "<abs_vis_token></abs_vis_token>"
     require_observation_after_aux: bool = True
     max_length: int = Field(2048, gt=8)
@@ -120,7 +121,7 @@ class TrainSection(StrictModel):
     lr: float = Field(2e-3, gt=0)
     # module group (vision, embeddings, language_model, lm_head, method) -> lr
     module_lr: dict[str, float] = {}
-    freeze: list[str] = ["vision"]
+    freeze: list[str] | None = None  # None: the vision tower, when the model has one
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(10, ge=0)
@@ -278,4 +279,5 @@ def raw_config(config_file: Path | None, overrides: list[str]) -> tuple[dict[str
 
 
 def save_config(config: LatentkitConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    with writing(path):
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

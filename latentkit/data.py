@@ -40,6 +40,7 @@ def load_training_records(
         "latent_marker": data.latent_marker,
         "require_observation_after_aux": data.require_observation_after_aux,
         "limit": data.limit,
+        "allow_outside_paths": data.allow_outside_paths,
     }
     if data.path is None:
         root = embedded_data_dir(run_dir, data)

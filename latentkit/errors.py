@@ -1,5 +1,11 @@
 """User-facing errors: each message names the thing that is wrong and how to fix it (the CLI prints it in one line)."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class LatentkitError(Exception):
     """Base class of every error caused by user input rather than by a bug."""
@@ -19,3 +25,14 @@ class RegistryError(LatentkitError):
 
 class CheckpointError(LatentkitError):
     """A checkpoint or run directory is missing, incomplete or from another method."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name `path` in an OS error raised inside that names no file (a full disk fails a write without one)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise

@@ -12,7 +12,7 @@ from latentkit.layout import IGNORE_INDEX
 def weighted_next_token_ce(
     backbone: Backbone, hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
 ) -> tuple[torch.Tensor, int]:
-    """sum(w * ce) / sum(w) over target tokens (specs/monet.md, stage 1); the hidden state at t predicts t+1.
+    """sum(w * ce) / sum(w) over target tokens (Monet, arXiv 2511.21395, stage 1); the hidden state at t predicts t+1.
 
     Logits are computed only at target positions, never for the whole sequence.
     """

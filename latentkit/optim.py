@@ -20,11 +20,18 @@ def module_groups(backbone: Backbone, method: Method) -> dict[str, nn.Module]:
     return {**backbone.module_groups(), "method": method.modules}
 
 
+def frozen_groups(backbone: Backbone, freeze: list[str] | None) -> list[str]:
+    """`train.freeze`; unset: the vision tower when the backbone has one (a text-only model freezes nothing)."""
+    if freeze is not None:
+        return freeze
+    return ["vision"] if "vision" in backbone.module_groups() else []
+
+
 def check_module_groups(
-    backbone: Backbone, method: Method, freeze: list[str], module_lr: dict[str, float]
+    backbone: Backbone, method: Method, freeze: list[str] | None, module_lr: dict[str, float]
 ) -> None:
     groups = module_groups(backbone, method)
-    for name in [*freeze, *module_lr]:
+    for name in [*frozen_groups(backbone, freeze), *module_lr]:
         if name not in groups:
             raise ConfigError(
                 f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}"
@@ -39,7 +46,7 @@ def trainable_parameters(backbone: Backbone, method: Method) -> list[nn.Paramete
 def freeze_and_group(
     backbone: Backbone,
     method: Method,
-    freeze: list[str],
+    freeze: list[str] | None,
     module_lr: dict[str, float],
     trainable: list[nn.Parameter],
 ) -> dict[str, list[nn.Parameter]]:
@@ -55,7 +62,7 @@ def freeze_and_group(
     for module in (backbone.model, method.modules):
         for parameter in module.parameters():
             parameter.requires_grad_(id(parameter) in allowed)
-    for name in freeze:
+    for name in frozen_groups(backbone, freeze):
         for parameter in groups[name].parameters():
             if owner[id(parameter)] == name:
                 parameter.requires_grad_(False)

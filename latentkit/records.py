@@ -1,9 +1,9 @@
-"""Canonical record loader: Monet-SFT-125K conversation records -> typed `Sample`s (DESIGN.md, "Canonical record").
+"""Canonical record loader: Monet-SFT-125K conversation records -> typed `Sample`s (README.md, "Data").
 
 A record is `{"data": [system, user, assistant], "metadata": {"dataset_name", "sample_id", "answer", ...}}`;
 each turn is `{"role", "content": [{"type": "text", "text"} | {"type": "image", "image": <relative path>}]}`.
 In the assistant turn a text item ending in the latent marker is followed by the auxiliary image it stands
-for, and key visual facts are wrapped in observation tags (specs/monet.md, "Data (Monet-SFT-125K)").
+for, and key visual facts are wrapped in observation tags (README.md, "Data").
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from latentkit.errors import DataError
+from PIL import Image
+
+from latentkit.errors import DataError, writing
 from latentkit.segments import Role, Sample, Segment
 
 DEFAULT_LATENT_MARKER = "<abs_vis_token></abs_vis_token>"
@@ -53,6 +55,8 @@ class _RecordRules:
     observation_open: str
     observation_close: str
     require_observation_after_aux: bool
+    root: Path  # image paths must stay inside it unless allow_outside_paths
+    allow_outside_paths: bool
 
 
 def load_records(
@@ -63,12 +67,14 @@ def load_records(
     observation_tags: tuple[str, str] = DEFAULT_OBSERVATION_TAGS,
     require_observation_after_aux: bool = True,
     limit: int | None = None,
+    allow_outside_paths: bool = False,
 ) -> LoadedRecords:
     """Load records from a `.json` array, a `.jsonl` file, or a folder of them (and its immediate sub-folders).
 
     Image paths are resolved against the folder holding each record file (then against `path` itself, for
-    datasets whose paths are relative to the dataset root). Bad records raise `DataError`, or with
-    `on_bad_record="skip"` are skipped and counted by reason.
+    datasets whose paths are relative to the dataset root); each must stay inside the dataset root (the folder,
+    or the record file's folder) unless `allow_outside_paths`, and must open as an image. Bad records raise
+    `DataError`, or with `on_bad_record="skip"` are skipped and counted by reason.
     """
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -78,9 +84,11 @@ def load_records(
         raise DataError("observation_tags must be two non-empty strings: (open tag, close tag)")
     if limit is not None and limit < 0:
         raise DataError(f"data.limit must be >= 0, got {limit}")
-    rules = _RecordRules(latent_marker, *observation_tags, require_observation_after_aux)
     path = Path(path)
-    root = path.absolute() if path.is_dir() else path.absolute().parent
+    root = Path(os.path.normpath(path.absolute() if path.is_dir() else path.absolute().parent))
+    rules = _RecordRules(
+        latent_marker, *observation_tags, require_observation_after_aux, root, allow_outside_paths
+    )
     record_files = _record_files(path)
     loaded = LoadedRecords(samples=[])
     if limit == 0:
@@ -129,7 +137,7 @@ def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+        with writing(path), os.fdopen(fd, "w", encoding="utf-8") as tmp:
             json.dump(value, tmp, ensure_ascii=False, indent=1)
             tmp.write("\n")
             tmp.flush()
@@ -239,7 +247,7 @@ def _parse_record(raw: Any, record_file: Path, base_dirs: tuple[Path, ...], rule
         if role == "assistant":
             segments += _assistant_segments(items, base_dirs, rules)
         else:
-            segments += _prompt_segments(items, turn_index, role, base_dirs)
+            segments += _prompt_segments(items, turn_index, role, base_dirs, rules)
     answer = metadata.get("answer")
     return Sample(
         sample_id=str(sample_id),
@@ -286,21 +294,39 @@ def _turn_items(turn: Any, turn_index: int, role: Role) -> list[tuple[str, str, 
     return items
 
 
-def _resolve_image(item_path: str, relative: str, base_dirs: tuple[Path, ...]) -> Path:
-    for base in base_dirs:
-        candidate = Path(os.path.normpath(base / relative))
-        if candidate.is_file():
-            return candidate
-    raise _BadRecord(
-        "missing_image",
-        f"{item_path}.image",
-        f"file {relative} not found under {base_dirs[0]}",
-        "fix the path",
-    )
+def _resolve_image(item_path: str, relative: str, base_dirs: tuple[Path, ...], rules: _RecordRules) -> Path:
+    """The image file `relative` names: inside the dataset root (unless allowed outside), and decodable."""
+    field_path = f"{item_path}.image"
+    found = [c for c in (Path(os.path.normpath(b / relative)) for b in base_dirs) if c.is_file()]
+    inside = [c for c in found if c.is_relative_to(rules.root)]
+    if not inside and found and not rules.allow_outside_paths:
+        raise _BadRecord(
+            "image_outside_root",
+            field_path,
+            f"{relative} points outside the dataset folder {rules.root}",
+            "keep images inside it, or set data.allow_outside_paths=true",
+        )
+    if not found:
+        raise _BadRecord(
+            "missing_image", field_path, f"file {relative} not found under {base_dirs[0]}", "fix the path"
+        )
+    image = (inside or found)[0]
+    try:
+        with Image.open(image) as opened:
+            opened.verify()  # header and, for PNG, every chunk's checksum; no full decode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise _BadRecord(
+            "bad_image", field_path, f"{image} is not a readable image ({exc})", "replace or remove the file"
+        ) from None
+    return image
 
 
 def _prompt_segments(
-    items: list[tuple[str, str, str]], turn_index: int, role: Role, base_dirs: tuple[Path, ...]
+    items: list[tuple[str, str, str]],
+    turn_index: int,
+    role: Role,
+    base_dirs: tuple[Path, ...],
+    rules: _RecordRules,
 ) -> list[Segment]:
     segments = []
     for item_path, kind, value in items:
@@ -315,7 +341,7 @@ def _prompt_segments(
                 "move it to the user turn",
             )
         else:
-            segments.append(Segment("image", role, image=_resolve_image(item_path, value, base_dirs)))
+            segments.append(Segment("image", role, image=_resolve_image(item_path, value, base_dirs, rules)))
     return segments
 
 
@@ -338,7 +364,7 @@ def _assistant_segments(
                 )
             aux_image_fields.append((item_path, len(segments)))
             segments.append(
-                Segment("aux_image", "assistant", image=_resolve_image(item_path, value, base_dirs))
+                Segment("aux_image", "assistant", image=_resolve_image(item_path, value, base_dirs, rules))
             )
             continue
         # A marker must end its text item and be followed by an image, so marker and image counts agree.

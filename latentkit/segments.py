@@ -1,4 +1,4 @@
-"""Typed samples: a conversation as an ordered tuple of segments (DESIGN.md, "Segments").
+"""Typed samples: a conversation as an ordered tuple of segments (docs/design.md, "From a record to a loss").
 
 Records produce `text`, `image`, `aux_image` and `observation` segments; methods add
 `latent` segments when they build a layout, so that kind is not part of `SegmentKind`.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,12 +29,15 @@ from latentkit.checkpoint import (
     load_final_weights,
     prune_checkpoints,
     publish_copy,
+    remove_stale_temp_dirs,
     save_checkpoint,
     save_final,
+    set_aside,
 )
 from latentkit.config import LatentkitConfig, TrainSection, effective_train, resolve_stages, save_config
 from latentkit.data import load_training_records
-from latentkit.errors import CheckpointError, ConfigError, DataError
+from latentkit.errors import CheckpointError, ConfigError, DataError, writing
+from latentkit.interrupt import StopRequest, TrainingInterrupted
 from latentkit.layout import Batch, Layout, collate
 from latentkit.optim import (
     build_optimizer,
@@ -81,6 +85,7 @@ class Run:
     backbone: Backbone
     directory: Path
     evaluator: Callable[[], dict[str, float]] | None = None  # train.eval_every; main process only
+    stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C: stop after the step
     trainable: list[nn.Parameter] = field(default_factory=list)  # what each stage's train.freeze starts from
 
 
@@ -107,18 +112,46 @@ def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
     return directory
 
 
+# `train` keys that change how a run is watched or saved, never its weights: a resume may change them.
+RESUMABLE_TRAIN_KEYS = frozenset(
+    {
+        "stage",
+        "progress",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "num_workers",
+        "wandb",
+        "eval_every",
+        "eval",
+    }
+)
+
+
 def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
     import yaml
 
-    before = yaml.safe_load(saved.read_text())
-    now = config.model_dump(mode="json")
-    for section in ("run", "model", "data", "method"):
-        if before.get(section) != now[section]:
-            keys = [k for k in now[section] if before.get(section, {}).get(k) != now[section][k]]
+    before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
+    for loaded in (before, now):
+        loaded["train"] = {k: v for k, v in loaded.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+    for section in ("run", "model", "data", "train", "method"):
+        key = _first_difference(before.get(section), now[section], section)
+        if key is not None:
             raise ConfigError(
-                f"cannot resume {saved.parent}: {section}.{keys[0] if keys else ''} differs from the saved config.yaml "
-                "(resume with the same config, or start a new run with run.name=...)"
+                f"cannot resume {saved.parent}: {key} differs from the saved config.yaml (resume with the same "
+                "config, or start a new run with run.name=...)"
             )
+
+
+def _first_difference(before: Any, now: Any, key: str) -> str | None:
+    """The dotted key of the first value that differs (`train.stages.sft.lr`), or None when all agree."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for name in [*now, *(k for k in before if k not in now)]:
+            found = _first_difference(before.get(name), now.get(name), f"{key}.{name}")
+            if found is not None:
+                return found
+        return None
+    return None if before == now else key
 
 
 class LayoutDataset(torch.utils.data.Dataset):
@@ -193,9 +226,16 @@ def train(config: LatentkitConfig, resume: bool = False, evaluator: EvaluatorFac
             "train.eval_every is set but no evaluator was given: use latentkit.train(...) or the CLI, or pass "
             "evaluator=latentkit.eval.periodic.training_evaluator"
         )
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    if not config.train.progress:  # also transformers' own bars (loading weights, writing shards)
+        hf_logging.disable_progress_bar()
     try:
         return _train(config, resume, evaluator)
     finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         _reset_accelerate()
@@ -282,12 +322,17 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         run.evaluator = evaluator(method, config, directory)
     module = accelerator.prepare_model(TrainModule(backbone, method, precision))
     run.trainable = trainable_parameters(backbone, method)
-    for stage_index, stage in enumerate(stages):
-        if config.train.stage is not None and stage != config.train.stage:
-            continue
-        STAGE_LOOPS[method_cls.stage_kind(stage)](
-            run, accelerator, module, records.samples, stage, stage_index
-        )
+    selected = [(i, stage) for i, stage in enumerate(stages) if config.train.stage in (None, stage)]
+    with run.stop:
+        for position, (stage_index, stage) in enumerate(selected):
+            STAGE_LOOPS[method_cls.stage_kind(stage)](
+                run, accelerator, module, records.samples, stage, stage_index
+            )
+            if position + 1 < len(selected) and _stop_requested(run, accelerator):
+                raise TrainingInterrupted(
+                    f"stage {stage} finished in {directory / 'stages' / stage / 'final'}; continue with the same "
+                    "command plus --resume"
+                )
     if accelerator.is_main_process:
         last = config.train.stage or stages[-1]
         publish_copy(directory / "stages" / last / "final", directory / "final")
@@ -328,7 +373,7 @@ def _run_stage(
     optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
     scheduler = build_scheduler(optimizer, train_cfg)
     start_step = 0
-    checkpoint = latest_checkpoint(stage_dir)
+    checkpoint = _resume_checkpoint(accelerator, stage_dir)
     if checkpoint is not None:
         start_step = load_checkpoint_into(checkpoint, accelerator, module, optimizer, scheduler)
         accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
@@ -362,6 +407,24 @@ def _run_stage(
     if accelerator.is_main_process:
         save_final(run.backbone, run.method, stage, stage_dir / "final")
     accelerator.wait_for_everyone()
+
+
+def _resume_checkpoint(accelerator: Any, stage_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; newer ones that do not are named and set aside, stale temp dirs go."""
+    checkpoint, rejected = latest_checkpoint(stage_dir)
+    accelerator.wait_for_everyone()  # every process has chosen before any checkpoint moves
+    if accelerator.is_main_process:
+        remove_stale_temp_dirs(stage_dir)
+        for path, problem in rejected:
+            moved = set_aside(path)
+            older = (
+                f"resuming from {checkpoint.name}" if checkpoint is not None else "starting the stage over"
+            )
+            print(
+                f"checkpoint {path} is unusable ({problem}): moved to {moved.name}, {older}", file=sys.stderr
+            )
+    accelerator.wait_for_everyone()
+    return checkpoint
 
 
 def _loop(
@@ -424,11 +487,25 @@ def _loop(
             bar.set_postfix(loss=f"{record['loss']:.3f}")
         if train_cfg.eval_every is not None and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
             _evaluate(run, accelerator, module, stage, done)
-        if done % train_cfg.checkpoint_every == 0 and done < train_cfg.steps:
-            save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
+        stop = done < train_cfg.steps and _stop_requested(run, accelerator)
+        if (done % train_cfg.checkpoint_every == 0 or stop) and done < train_cfg.steps:
+            saved = save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
             if accelerator.is_main_process:
                 prune_checkpoints(stage_dir, train_cfg.keep_checkpoints)
+            if stop:
+                raise TrainingInterrupted(
+                    f"stage {stage} stopped after step {done} of {train_cfg.steps}, checkpoint {saved}; continue "
+                    "with the same command plus --resume"
+                )
     bar.close()
+
+
+def _stop_requested(run: Run, accelerator: Any) -> bool:
+    """Whether any process got Ctrl-C (all processes agree, so they stop after the same step)."""
+    if accelerator.num_processes == 1:
+        return run.stop.requested
+    flag = torch.tensor([float(run.stop.requested)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
 def _evaluate(run: Run, accelerator: Any, module: nn.Module, stage: str, step: int) -> None:
@@ -443,7 +520,8 @@ def _evaluate(run: Run, accelerator: Any, module: nn.Module, stage: str, step: i
 
 def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
     if accelerator.is_main_process:
-        with open(run.directory / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        path = run.directory / "metrics.jsonl"
+        with writing(path), open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     if "event" not in record:
         accelerator.log(
@@ -452,5 +530,5 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
 
 
 StageLoop = Callable[[Run, Any, nn.Module, list[Sample], str, int], None]
-# One training loop per stage kind (DESIGN.md, "Trainer"); the RL loop joins as "rl".
+# One training loop per stage kind (docs/design.md, "Training"); the RL loop joins as "rl".
 STAGE_LOOPS: dict[str, StageLoop] = {"supervised": _run_stage}

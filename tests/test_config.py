@@ -115,7 +115,7 @@ def test_stage_overrides_lay_over_the_global_train_section(tmp_path):
         tmp_path, "train:\n  mixed_precision: bf16\n  stages:\n    b:\n      steps: 9\n", overrides
     ).train
     a, b = effective_train(train, "a"), effective_train(train, "b")
-    assert (a.lr, a.steps, a.freeze, a.mixed_precision) == (0.1, 300, ["vision"], "bf16")
+    assert (a.lr, a.steps, a.freeze, a.mixed_precision) == (0.1, 300, None, "bf16")
     assert (b.lr, b.steps, b.freeze, b.mixed_precision) == (0.2, 9, [], "no")
     assert b.batch_size == a.batch_size == 8 and b.stages == train.stages
 

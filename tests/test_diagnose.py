@@ -30,6 +30,7 @@ from latentkit.representation_cache import RepresentationCache
 
 COMMON = ["--benchmark", "synth-zoom", "--limit", "4", "--max-new-tokens", "6", "--batch-size", "3"]
 DIAGNOSE = [*COMMON, "--k-sweep", "1,2"]
+STEM = "synth-zoom-test-limit4-max6-k1_2"  # the default output is named by the settings above
 REPLACEMENTS = (
     "identity",
     "zeros",
@@ -59,22 +60,22 @@ def runs(tmp_path_factory) -> Path:
 def diagnosed(runs):
     """Default output folder; batches of 3 over 4 samples, so answers span two batches."""
     result = latentkit("diagnose", "--run", str(runs / "m"), *DIAGNOSE)
-    report = json.loads((runs / "m" / "diagnose" / "synth-zoom-test.json").read_text())
+    report = json.loads((runs / "m" / "diagnose" / f"{STEM}.json").read_text())
     return result, report
 
 
 def test_reports_are_written(runs, diagnosed):
     result, report = diagnosed
     folder = runs / "m" / "diagnose"
-    assert all((folder / f"synth-zoom-test.{suffix}").is_file() for suffix in ("json", "md", "png"))
+    assert all((folder / f"{STEM}.{suffix}").is_file() for suffix in ("json", "md", "png"))
     assert "| condition | accuracy |" in result.stdout and "## Test-time K" in result.stdout
-    assert str(folder / "synth-zoom-test.png") in result.stdout
+    assert str(folder / f"{STEM}.png") in result.stdout
     # one line per condition: generated, forced, the replacements, the oracle, the inputs, the K sweep
     assert (
         len([line for line in result.stderr.splitlines() if " K=" in line])
         == 2 + len(REPLACEMENTS) + 1 + 2 + 2
     )
-    with Image.open(folder / "synth-zoom-test.png") as image:
+    with Image.open(folder / f"{STEM}.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 600
     assert report["model"]["method"] == "monet" and report["model"]["run"] == str(runs / "m")

@@ -1,6 +1,6 @@
 """Latent decoding (`LatentPolicy` on the decoding engine) against an independent reference: the model run
-without a cache over the prompt, the start token and each latent fed back by hand (DESIGN.md, "Latent engine";
-specs/monet.md, slot convention: the K slots read h(start), h(slot 1), ..., h(slot K-1), then the end token)."""
+without a cache over the prompt, the start token and each latent fed back by hand (docs/design.md, "Decoding";
+README.md, "Monet", slot convention: the K slots read h(start), h(slot 1), ..., h(slot K-1), then the end token)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Monet's formulas on small cases computed independently (specs/monet.md): the stage-2 controlled mask, the
+"""Monet's formulas on small cases computed independently (arXiv 2511.21395): the stage-2 controlled mask, the
 latent-only backprop of the alignment, the cosine axis, observation weighting; and its teacher cache."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The built wheel holds every sub-package under its mapped name (DESIGN.md, Layout: methods/ kernels/ cli/ ->
+"""The built wheel holds every sub-package under its mapped name (README.md, "Development", layout: methods/ kernels/ cli/ ->
 latentkit.methods / .kernels / .cli) and the `latentkit` console script.
 
 An editable install maps whole folders, so a sub-package missing from the wheel only shows up after

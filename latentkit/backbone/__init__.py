@@ -88,7 +88,9 @@ def build_backbone(section: ModelSection) -> Backbone:
         backbone = _wrap(family, model, tokenizer, section)
         backbone.source = section.preset
     if section.gradient_checkpointing:
-        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     return backbone
 
 

@@ -1,4 +1,4 @@
-"""The decoding engine (DESIGN.md, "Decoding engine"): one batched, KV-cached generator for eval, diagnose,
+"""The decoding engine (docs/design.md, "Decoding"): one batched, KV-cached generator for eval, diagnose,
 `latentkit generate` and RL rollouts. A per-row `DecodingPolicy` decides each step what the row feeds next;
 `decode` returns one `Trajectory` per row, which `replay` turns back into one training forward.
 """

@@ -1,4 +1,4 @@
-"""What a decoding policy tells the engine a row does next (DESIGN.md, "Decoding engine").
+"""What a decoding policy tells the engine a row does next (docs/design.md, "Decoding").
 
 Each step the engine proposes, per live row, a token sampled from the row's current output head; the policy
 answers with a `Step`: feed a token (the proposal or one it forces), feed continuous vectors (latent steps, a

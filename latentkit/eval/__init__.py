@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md, "Evaluation"): benchmark registry and loaders, batched generation, rule-based scorers,
+"""Evaluation (docs/design.md, "Evaluation"): benchmark registry and loaders, batched generation, rule-based scorers,
 `latentkit eval` (per-sample JSONL + summary) and `latentkit compare` (tables and a chart).
 
 Reports name the scorer used: the papers' numbers came from an LLM judge, and exact rules read lower.

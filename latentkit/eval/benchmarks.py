@@ -1,6 +1,6 @@
-"""Benchmark registry (DESIGN.md, "Evaluation"): name -> loader (local path, split) + prompt + scorer.
+"""Benchmark registry (docs/design.md, "Evaluation"): name -> loader (local path, split) + prompt + scorer.
 
-A loader reads the files as users download them (specs/benchmarks.md table) and returns `Sample`s whose
+A loader reads the files as users download them (README.md, "Real benchmarks" table) and returns `Sample`s whose
 segments hold the prompt (system + user turns: images, then the question with its options and answer
 instruction), `answer` = the gold answer the scorer compares against, `choices` for multiple choice, and
 `metadata["category"]` (plus optional `metadata["subcategory"]`) for per-category accuracy. Images stored

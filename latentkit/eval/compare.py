@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from latentkit.records import write_json
 
 SUMMARY_SUFFIX = ".summary.json"
 # Settings that must agree for two numbers of one benchmark to be read side by side.
-COMPARABLE_KEYS = ("benchmark_version", "scorer", "split", "num_samples", "sampling")
+COMPARABLE_KEYS = ("benchmark_version", "scorer", "split", "count", "num_samples", "sampling")
+KEY_NAMES = {"count": "number of questions"}
 SEED_SUFFIX = re.compile(r"-(?:seed|s)(\d+)$")
 
 
@@ -41,6 +43,8 @@ class Entry:
     num_samples: int
     sampling: str
     summary: str
+    no_answer: int | None  # answers with no answer extracted (None: a summary from before it was counted)
+    repetition: int | None  # answers that ran to the length limit in a loop
     low: float  # 95% Wilson interval of the accuracy over the questions (several answers per question: their
     high: float  # mean correctness counts as the question's, an approximation)
 
@@ -117,7 +121,9 @@ def load_entry(path: Path) -> Entry:
     model = summary["model"]
     run = Path(model.get("run") or model.get("model_dir") or path.parent).name
     aux = summary.get("aux_images", "none")
-    label = f"{model.get('method', '?')} ({run})" + (" +aux images" if aux != "none" else "")
+    label = f"{model.get('method', '?')} ({run}{_model_within_run(model)})" + (
+        " +aux images" if aux != "none" else ""
+    )
     sampling = summary.get("sampling", {})
     decoding = (
         "greedy"
@@ -142,9 +148,32 @@ def load_entry(path: Path) -> Entry:
         num_samples=int(summary.get("num_samples", 1)),
         sampling=decoding,
         summary=str(path),
+        no_answer=summary.get("counts", {}).get("no_answer_extracted"),
+        repetition=summary.get("counts", {}).get("repetition"),
         low=interval.low,
         high=interval.high,
     )
+
+
+def _model_within_run(model: dict[str, Any]) -> str:
+    """`: stages/sft/final` for a run's model other than its final one, else nothing."""
+    if not model.get("run") or not model.get("model_dir"):
+        return ""
+    run, model_dir = Path(model["run"]), Path(model["model_dir"])
+    if model_dir == run / "final" or not model_dir.is_relative_to(run):
+        return ""
+    return f": {model_dir.relative_to(run)}"
+
+
+def disambiguate(entries: list[Entry]) -> list[Entry]:
+    """Entries that would share a table cell (same label and benchmark) get their summary's name, then its path."""
+    for name in (lambda e: Path(e.summary).name.removesuffix(SUMMARY_SUFFIX), lambda e: e.summary):
+        cells = Counter((e.label, e.benchmark) for e in entries)
+        entries = [
+            replace(e, label=f"{e.label} [{name(e)}]") if cells[e.label, e.benchmark] > 1 else e
+            for e in entries
+        ]
+    return entries
 
 
 def mismatches(entries: list[Entry]) -> dict[str, list[str]]:
@@ -159,7 +188,7 @@ def mismatches(entries: list[Entry]) -> dict[str, list[str]]:
 
 
 def compare(inputs: list[Path], out_dir: Path) -> dict[str, Any]:
-    entries = [load_entry(path) for path in find_summaries(inputs)]
+    entries = disambiguate([load_entry(path) for path in find_summaries(inputs)])
     if not entries:
         raise DataError("nothing to compare: pass run directories or eval summaries")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +222,15 @@ def _cell(entries: list[Entry], label: str, benchmark: str) -> Entry | None:
     return matching[-1] if matching else None
 
 
+def _cell_text(entry: Entry) -> str:
+    """Accuracy, interval, n and any degenerate answers (no answer extracted; a loop up to the length limit)."""
+    counts = [f"n={entry.count}"]
+    counts += [f"no answer {entry.no_answer}"] if entry.no_answer else []
+    counts += [f"looped {entry.repetition}"] if entry.repetition else []
+    interval = f"[{100 * entry.low:.1f}, {100 * entry.high:.1f}]"
+    return f"{100 * entry.accuracy:.1f} {interval} ({', '.join(counts)})"
+
+
 def markdown_table(
     entries: list[Entry], flagged: dict[str, list[str]], seeds: list[SeedSummary] | None = None
 ) -> str:
@@ -203,11 +241,7 @@ def markdown_table(
         cells = [label]
         for column in columns:
             entry = _cell(entries, label, column)
-            cells.append(
-                "—"
-                if entry is None
-                else f"{100 * entry.accuracy:.1f} [{100 * entry.low:.1f}, {100 * entry.high:.1f}] (n={entry.count})"
-            )
+            cells.append("—" if entry is None else _cell_text(entry))
         lines.append("| " + " | ".join(cells) + " |")
     chance = []
     for column in columns:
@@ -230,7 +264,8 @@ def markdown_table(
             )
         lines.append("")
     lines.append(
-        "Accuracy in % with a 95% Wilson interval over the questions. Scorers (rule-based; papers used an LLM judge, exact rules read lower): "
+        "Accuracy in % with a 95% Wilson interval over the questions; n questions, of which `no answer`: no answer "
+        "could be extracted, `looped`: the output repeated itself up to the length limit. Scorers (rule-based; papers used an LLM judge, exact rules read lower): "
     )
     for column in columns:
         group = [e for e in entries if e.benchmark == column]
@@ -242,7 +277,8 @@ def markdown_table(
         )
     for benchmark, keys in flagged.items():
         lines.append(
-            f"- ⚠ {benchmark}: the results differ in {', '.join(keys)}; these numbers are not comparable"
+            f"- ⚠ {benchmark}: the results differ in {', '.join(KEY_NAMES.get(k, k) for k in keys)}; these "
+            "numbers are not comparable"
         )
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ or decoding setup in the same file are refused, never mixed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any
 
 from latentkit.config import LatentkitConfig
 from latentkit.decoding import SamplingParams
-from latentkit.errors import ConfigError, DataError
+from latentkit.errors import ConfigError, DataError, writing
 from latentkit.eval.answer import IMAGE_PLACEHOLDER, Answer, AuxImages, answer_samples
 from latentkit.eval.benchmarks import Benchmark, EvalSet, chance_from_choices, get_benchmark
 from latentkit.eval.model import EvalModel
@@ -64,10 +65,37 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def model_output_dir(model: EvalModel, kind: str) -> Path:
+    """Where `eval`/`diagnose` write by default, never inside the model folder: `<run>/<kind>/` for a run's final
+    model, `<run>/<kind>/<model dir within the run>/` for another model of a run (a stage's final), else
+    `<kind>/<model dir name>-<fingerprint>/` under the current directory."""
+    if model.run_dir is None:
+        return Path(kind) / f"{model.model_dir.name}-{model.fingerprint[:8]}"
+    model_dir, run_dir = model.model_dir.resolve(), model.run_dir.resolve()
+    if model_dir == run_dir / "final":
+        return model.run_dir / kind
+    return model.run_dir / kind / "-".join(model_dir.relative_to(run_dir).parts)
+
+
+def settings_tag(options: EvalOptions, default_max_new_tokens: int) -> str:
+    """The settings that differ from a greedy default run, as a file name suffix (`-t0.7-p0.95-n8`)."""
+    sampling = options.sampling
+    parts = ["aux"] if options.aux_images == "dataset" else []
+    if sampling.temperature > 0:
+        parts += [f"t{sampling.temperature:g}", f"seed{sampling.seed}"]
+    parts += [f"p{sampling.top_p:g}"] if sampling.top_p < 1 else []
+    parts += [f"k{sampling.top_k}"] if sampling.top_k else []
+    parts += [f"n{options.num_samples}"] if options.num_samples > 1 else []
+    parts += [f"max{sampling.max_new_tokens}"] if sampling.max_new_tokens != default_max_new_tokens else []
+    if sampling.stop_strings:
+        stops = hashlib.sha256(json.dumps(list(sampling.stop_strings)).encode()).hexdigest()[:6]
+        parts.append(f"stop{stops}")
+    return "".join(f"-{part}" for part in parts)
+
+
 def default_output(model: EvalModel, options: EvalOptions) -> Path:
-    base = model.run_dir if model.run_dir is not None else model.model_dir
-    suffix = "-aux" if options.aux_images == "dataset" else ""
-    return base / "eval" / f"{options.benchmark}-{options.split}{suffix}.jsonl"
+    tag = settings_tag(options, get_benchmark(options.benchmark).max_new_tokens)
+    return model_output_dir(model, "eval") / f"{options.benchmark}-{options.split}{tag}.jsonl"
 
 
 def summary_path(results: Path) -> Path:
@@ -136,7 +164,7 @@ def evaluate(
     bar = _progress(len(eval_set.samples), len(done), benchmark.name, progress)
 
     def write_batch(answers: list[Answer]) -> None:
-        with open(out, "a", encoding="utf-8") as handle:
+        with writing(out), open(out, "a", encoding="utf-8") as handle:
             for group in _by_sample(answers, options.num_samples):
                 record = score_record(group, scorer, header)
                 done[record["sample_id"]] = record
@@ -202,6 +230,15 @@ def score_answer(answer: Answer, scorer: Scorer) -> ScoreResult:
     return scorer.score(answer.text, sample.answer or "", choices, sample.metadata)
 
 
+def repeats_at_end(text: str, times: int = 4, longest: int = 64) -> bool:
+    """Whether `text` ends in one piece of at most `longest` characters repeated `times` times (a loop)."""
+    stripped = text.rstrip()
+    return any(
+        stripped.endswith(stripped[-period:] * times)
+        for period in range(1, min(longest, len(stripped) // times) + 1)
+    )
+
+
 def score_record(answers: Sequence[Answer], scorer: Scorer, header: dict[str, Any]) -> dict[str, Any]:
     sample = answers[0].sample
     scores = [score_answer(answer, scorer) for answer in answers]
@@ -217,6 +254,8 @@ def score_record(answers: Sequence[Answer], scorer: Scorer, header: dict[str, An
         "extracted": scores[0].extracted,
         "correct": scores[0].correct,
         "finish_reason": answers[0].finish_reason,
+        # degenerate: the answer ran to the length limit in a loop
+        "repetition": answers[0].finish_reason == "length" and repeats_at_end(answers[0].text),
         "aux_images_used": answers[0].aux_images_used,
         "num_correct": sum(score.correct for score in scores),
         "num_samples": len(answers),
@@ -277,6 +316,8 @@ def summarize(
             "answers": sum(r["num_samples"] for r in records),
             "correct": sum(r["num_correct"] for r in records),
             "no_answer_extracted": sum(r["extracted"] is None for r in records),
+            "length_limit": sum(r["finish_reason"] == "length" for r in records),
+            "repetition": sum(bool(r.get("repetition")) for r in records),
             "aux_images_used": sum(r["aux_images_used"] for r in records),
         },
         "model": model.describe(),

@@ -1,4 +1,4 @@
-"""Rule-based answer scorers (specs/benchmarks.md): boxed answer, option letter, normalised exact match,
+"""Rule-based answer scorers (README.md, "Evaluation and comparison"): boxed answer, option letter, normalised exact match,
 number, and plan validity for FrozenLake mazes (synth-maze, VSP).
 
 The papers' numbers used an LLM judge; these rules read lower, so every report names the scorer it used.
@@ -147,10 +147,9 @@ class Scorer:
 def _boxed_exact(
     output: str, gold: str, choices: list[str] | None, metadata: Mapping[str, Any]
 ) -> ScoreResult:
-    lines = [line for line in output.splitlines() if line.strip()]
-    extracted = extract_boxed(output)
-    if extracted is None and lines:
-        extracted = lines[-1].strip()
+    extracted = extract_boxed(
+        output
+    )  # no \boxed{}: no answer (a last line is no answer the model committed to)
     return ScoreResult(extracted, extracted is not None and normalize_text(extracted) == normalize_text(gold))
 
 

@@ -1,9 +1,9 @@
-"""Latent decoding: the per-row state machine of DESIGN.md ("Latent engine") as a policy of the decoding
+"""Latent decoding: the per-row state machine of docs/design.md ("Decoding") as a policy of the decoding
 engine. Text -> on a sampled start token, K latent steps (the post-norm last hidden state fed back as the next
 input) -> the end token -> text. The latents live in each row's trajectory (continuous positions of kind
 `Kind.LATENT`), so a rollout replays exactly.
 
-Slot convention (specs/monet.md, **Decision**): the start token keeps its embedding; the K slots after it
+Slot convention (README.md, "Monet": where the public code is wrong): the start token keeps its embedding; the K slots after it
 read h(start), h(slot 1), ..., h(slot K-1); then the end token, as in training.
 """
 

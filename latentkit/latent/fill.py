@@ -1,5 +1,5 @@
 """Latent fill: each latent slot's input is the post-norm last hidden state of the position before it
-(DESIGN.md, "Latent engine"; specs/monet.md, "Tokens and latent slots").
+(docs/design.md, "Decoding"; README.md, "Monet").
 
 Batched with a KV cache. Every sample's sequence is cut at its slot positions into chunks
 `[0, p1), [p1, p2), ..., [p(S-1), pS)`; step k runs chunk k of every sample in one forward (padded to the

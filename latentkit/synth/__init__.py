@@ -1,4 +1,4 @@
-"""Synthetic tasks generated deterministically from a seed into canonical records (specs/benchmarks.md).
+"""Synthetic tasks generated deterministically from a seed into canonical records (README.md, "Synthetic tasks").
 
 `SYNTH_TASKS` maps each task name to its generator, variants and the scorer of each variant. Every
 generator has the signature `(out_dir, *, n_train, n_val, n_test, seed, variant, **knobs) -> info`, where

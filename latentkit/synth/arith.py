@@ -1,4 +1,4 @@
-"""`synth-arith`: multi-step arithmetic word problems, text only (specs/benchmarks.md, "synth-arith").
+"""`synth-arith`: multi-step arithmetic word problems, text only (README.md, "Synthetic tasks").
 
 A person starts with some items and goes through `min_steps`..`max_steps` events drawn from templates
 (buy more, give some away, receive bags of them, multiply, share equally); every operand lies in

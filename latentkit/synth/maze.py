@@ -1,4 +1,4 @@
-"""`synth-maze`: visual spatial planning on FrozenLake-like boards (specs/benchmarks.md, "synth-maze").
+"""`synth-maze`: visual spatial planning on FrozenLake-like boards (README.md, "Synthetic tasks").
 
 A `grid_size` x `grid_size` board with a start, a goal and holes is drawn as a PNG (agent: red circle,
 start: green, goal: gold, holes: dark). Variant `plan` asks for a shortest safe plan (gold: breadth-first

@@ -1,4 +1,4 @@
-"""`synth-zoom`: fine perception on a canvas of small shapes (specs/benchmarks.md, "synth-zoom").
+"""`synth-zoom`: fine perception on a canvas of small shapes (README.md, "Synthetic tasks").
 
 A `grid` x `grid` canvas holds one small coloured shape per cell; the question names a cell by position
 and asks the colour or shape of its object. The auxiliary image is the target with `zoom_margin` pixels

@@ -1,4 +1,4 @@
-"""Monet's `method:` config section (specs/monet.md; defaults are the paper's)."""
+"""Monet's `method:` config section (arXiv 2511.21395; defaults are the paper's)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Monet's sequences (specs/monet.md): stage 1 inline auxiliary images; stage 2 each auxiliary image followed by
+"""Monet's sequences (arXiv 2511.21395): stage 1 inline auxiliary images; stage 2 each auxiliary image followed by
 start, K slots, end, under the controlled mask; stage 3 each auxiliary image replaced by start, K slots, end.
 """
 
@@ -78,7 +78,7 @@ def stage2_blocks(layout: Layout, start_sees_image: bool = True) -> list[tuple[i
 
 
 def stage2_mask(batch: Batch, start_sees_image: bool = True) -> MaskSpec:
-    """Controlled attention of stage 2 (specs/monet.md, stage 2 step 3)."""
+    """Controlled attention of stage 2 (arXiv 2511.21395, stage 2)."""
     blocks = [stage2_blocks(layout, start_sees_image) for layout in batch.layouts]
     return hide_spans_outside_latents(blocks, batch.input_ids.shape[1], batch.valid, batch.input_ids.device)
 

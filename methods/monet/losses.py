@@ -1,4 +1,4 @@
-"""Monet's alignment losses (specs/monet.md, stages 2 and 3)."""
+"""Monet's alignment losses (arXiv 2511.21395, stages 2 and 3)."""
 
 from __future__ import annotations
 

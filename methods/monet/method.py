@@ -1,4 +1,4 @@
-"""Monet (specs/monet.md): stage `warmup` (interleaved SFT, observation weight x2), stage `distill` (latents
+"""Monet (arXiv 2511.21395): stage `warmup` (interleaved SFT, observation weight x2), stage `distill` (latents
 after each auxiliary image under the controlled mask, aligned to the frozen warm-up model's observation
 representations by latent-only backprop), stage `latent` (from the warm-up weights, auxiliary images replaced
 by latents aligned to the distill model's latents). Decoding: `latentkit.latent.LatentPolicy`.

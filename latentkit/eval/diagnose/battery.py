@@ -1,5 +1,5 @@
-"""`latentkit diagnose`: do a latent method's latents matter? (DESIGN.md, "Who uses it" 3; specs/monet.md,
-"Results to know": collapse, trigger rate, constant-latent accuracy.) Works on any method whose decoding
+"""`latentkit diagnose`: do a latent method's latents matter? (README.md, "Monet", "Do the
+latents matter?": collapse, trigger rate, constant-latent accuracy.) Works on any method whose decoding
 policy is a `latentkit.latent.ContinuousPolicy`.
 
 The battery, every decoding greedy and through `answer_samples` as `eval` decodes:
@@ -50,7 +50,7 @@ from latentkit.eval.diagnose.measures import (
 from latentkit.eval.diagnose.probes import categorical_attributes, ridge_probe, variance_explained
 from latentkit.eval.diagnose.report import markdown_report, plot_report
 from latentkit.eval.model import EvalModel
-from latentkit.eval.runner import load_eval_set
+from latentkit.eval.runner import load_eval_set, model_output_dir
 from latentkit.eval.scorers import get_scorer
 from latentkit.latent import (
     Constant,
@@ -69,6 +69,8 @@ from latentkit.records import write_json
 from latentkit.registry import Method
 from latentkit.segments import Sample
 
+DEFAULT_K_SWEEP = (1, 2, 4, 8, 12, 16)
+
 
 @dataclass(frozen=True)
 class DiagnoseOptions:
@@ -78,7 +80,7 @@ class DiagnoseOptions:
     limit: int | None = None
     batch_size: int = 16
     max_new_tokens: int | None = None  # default: the benchmark's
-    k_sweep: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
+    k_sweep: tuple[int, ...] = DEFAULT_K_SWEEP
     seed: int = 0  # noise interventions, the swap derangement, probe folds
 
     def __post_init__(self) -> None:
@@ -114,11 +116,16 @@ def continuous_policy(method: Method) -> ContinuousPolicy:
 
 
 def default_output_dir(model: EvalModel) -> Path:
-    return (model.run_dir if model.run_dir is not None else model.model_dir) / "diagnose"
+    return model_output_dir(model, "diagnose")
 
 
 def output_paths(out_dir: Path, options: DiagnoseOptions) -> dict[str, Path]:
-    stem = f"{options.benchmark}-{options.split}"
+    """`<benchmark>-<split>` plus the options that differ from the defaults, so no setting overwrites another."""
+    tag = [f"limit{options.limit}"] if options.limit else []
+    tag += [f"max{options.max_new_tokens}"] if options.max_new_tokens else []
+    tag += ["k" + "_".join(map(str, options.k_sweep))] if options.k_sweep != DEFAULT_K_SWEEP else []
+    tag += [f"seed{options.seed}"] if options.seed else []
+    stem = "-".join([options.benchmark, options.split, *tag])
     return {suffix: out_dir / f"{stem}.{suffix}" for suffix in ("json", "md", "png")}
 
 

@@ -1,4 +1,4 @@
-"""Loaders for the real benchmarks, reading the files as users download them (specs/benchmarks.md).
+"""Loaders for the real benchmarks, reading the files as users download them (README.md, "Real benchmarks").
 
 Importing this package registers every loader's benchmark.
 """
