@@ -150,6 +150,15 @@ class Method(ABC):
         (None for a bare model directory). None: no oracle for these samples."""
         return None
 
+    def latent_channel(
+        self, samples: list[Sample], run_dir: Path | None
+    ) -> dict[str, list[bool | None]] | None:
+        """Hook for `latentkit diagnose`: the latent channel's validity check, teacher-forced on the gold
+        responses. Per condition, whether each sample's answer is predicted (None: not scored): `with_aux` (the
+        auxiliary images given), `oracle` (latents that carry them) and dummies (latents replaced). A valid channel:
+        oracle near with_aux, dummies near chance. None: the method has no such check for these samples."""
+        return None
+
     def log_probs(
         self, backbone: Backbone, trajectories: list[Trajectory], params: SamplingParams
     ) -> list[torch.Tensor]:

@@ -7,12 +7,16 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import latentkit, train_args
 from latentkit.cli.app import main
 from latentkit.kernels.dispatch import attend, prepare_mask
+from latentkit.methods.monet.channel import CONDITIONS as CHANNEL_CONDITIONS
+from latentkit.methods.monet.channel import answer_span
+from latentkit.methods.monet.layout import teacher_layout
 from latentkit.methods.monet.method import TARGETS, swapped_weights
 from PIL import Image
 
@@ -24,7 +28,7 @@ from latentkit.eval.diagnose.hidden import attention_probabilities
 from latentkit.eval.model import load_eval_model
 from latentkit.eval.runner import load_eval_set
 from latentkit.latent import ContinuousPolicy, Transplant
-from latentkit.layout import Kind
+from latentkit.layout import Kind, collate, inputs_embeds
 from latentkit.masks import causal_mask, with_padding
 from latentkit.representation_cache import RepresentationCache
 
@@ -89,6 +93,11 @@ def test_reports_are_written(runs, diagnosed):
     assert report["chance_level"] == info["chance_level"]
     assert report["decoding"]["k"] == 2 and report["decoding"]["max_new_tokens"] == 6
     assert [point["k"] for point in report["k_sweep"]] == [1, 2]
+    channel = report["channel"]
+    assert list(channel["conditions"]) == list(CHANNEL_CONDITIONS)
+    assert all(c["samples"] == 4 for c in channel["conditions"].values())
+    assert channel["valid"] == (channel["carries"] and channel["needed"])
+    assert "## Latent channel" in result.stdout
 
 
 def test_values_are_consistent_with_the_per_sample_answers(diagnosed):
@@ -376,6 +385,43 @@ def test_monet_oracle_outside_the_cache_is_computed_by_the_stage2_model(runs):
         assert torch.allclose(oracle.flatten(0, 1), targets[-1], atol=1e-5)  # other batch, other padding
     final = model.method.target_latents(test)  # the final model's own pass differs: it is not stage 2's
     assert not torch.allclose(final[0], recomputed[2])
+
+
+def test_monet_channel_with_aux_is_the_warmup_model_teacher_forced(runs):
+    """The channel check's with_aux condition, recomputed from the warm-up model loaded on its own; every
+    condition scores every sample, and the final model's weights are back afterwards."""
+    model = load_eval_model(run=runs / "m")
+    samples = load_eval_set(
+        get_benchmark("synth-zoom"), model.config, model.run_dir, None, "test", 3, runs / "m" / "diagnose"
+    ).samples
+    before = {name: value.clone() for name, value in model.backbone.model.state_dict().items()}
+    results = model.method.latent_channel(samples, model.run_dir)
+    assert all(torch.equal(before[n], v) for n, v in model.backbone.model.state_dict().items())
+    assert list(results) == list(CHANNEL_CONDITIONS) and all(len(v) == 3 for v in results.values())
+    assert all(isinstance(c, bool) for v in results.values() for c in v)
+    warm = load_eval_model(checkpoint=runs / "m" / "stages" / "warmup" / "final")
+    backbone = warm.backbone
+    for sample, got in zip(samples, results["with_aux"]):
+        layout = teacher_layout(backbone, sample, warm.method.config)
+        batch = collate([layout], backbone.tokenizer.pad_token_id)
+        with torch.no_grad():
+            out = backbone.forward(
+                inputs_embeds(backbone, batch), batch.position_ids, warm.method.mask(batch, "warmup")
+            )
+        logits = backbone.logits(out.last_hidden_state)[0]
+        answer = [backbone.tokenizer.encode(f" {sample.answer}", add_special_tokens=False)]
+        aux_end = next(image.end for image in layout.images if image.kind == Kind.AUX_IMAGE)
+        start, end = answer_span(layout, answer, aux_end + 1)
+        assert got == all(int(logits[t - 1].argmax()) == int(layout.input_ids[t]) for t in range(start, end))
+    assert model.method.latent_channel(samples, None) is None
+
+
+def test_answer_span_is_the_first_mention_after_a_position():
+    layout = SimpleNamespace(input_ids=torch.tensor([5, 7, 8, 1, 7, 8, 7]))
+    assert answer_span(layout, [[7, 8]], 0) == (1, 3)
+    assert answer_span(layout, [[7, 8]], 2) == (4, 6)
+    assert answer_span(layout, [[9], [7]], 5) == (6, 7)  # the second tokenisation
+    assert answer_span(layout, [[7, 8]], 5) is None
 
 
 def test_recomputed_attention_probabilities_reproduce_the_kernel_output():

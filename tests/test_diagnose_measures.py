@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from latentkit.eval.diagnose import between_input_fraction, latent_statistics, relative_change, retrieval_top1
+from latentkit.eval.diagnose.channel import channel_summary
 from latentkit.eval.diagnose.conditions import derangement, swapped_images
 from latentkit.eval.diagnose.probes import categorical_attributes, ridge_probe, variance_explained
 from latentkit.segments import Sample, Segment
@@ -133,3 +134,29 @@ def test_categorical_attributes_skip_identifiers_and_constants():
         for i in range(6)
     ]
     assert categorical_attributes(samples) == {"colour": ["blue", "red"] * 3}
+
+
+def test_channel_summary_by_hand():
+    results = {
+        "with_aux": [True, True, True, True, True, True, True, True, True, False],  # 0.9
+        "oracle": [True, True, True, True, True, True, True, True, False, None],  # 8 of 9
+        "zeros": [False, False, True, False, False, False, False, False, False, False],  # 0.1
+        "swap": [True, False, True, False, False, False, False, False, False, False],  # 0.2
+    }
+    summary = channel_summary(results, chance=0.1)
+    oracle = 8 / 9
+    assert summary["conditions"]["oracle"]["accuracy"] == pytest.approx(oracle)
+    assert summary["conditions"]["oracle"]["samples"] == 9
+    # zeros vs oracle on the 9 samples scored in both: the oracle alone is right on 7, zeros alone on none
+    zeros = summary["conditions"]["zeros"]
+    assert zeros["delta_vs_oracle"] == pytest.approx(1 / 9 - oracle)
+    assert zeros["p_vs_oracle"] == pytest.approx(2 / 2**7)
+    assert summary["dummy_ceiling"] == pytest.approx(0.1 + (oracle - 0.1) / 2)
+    assert summary["carries"] and summary["needed"] and summary["valid"]
+    weak_oracle = dict(results, oracle=[True, False, False, False, False, False, False, False, False, False])
+    assert not channel_summary(weak_oracle, chance=0.1)["carries"]
+    read_anyway = dict(results, zeros=[True] * 8 + [False, False])
+    verdict = channel_summary(read_anyway, chance=0.1)
+    assert verdict["carries"] and not verdict["needed"] and not verdict["valid"]
+    with pytest.raises(ValueError, match="needs 'with_aux' and 'oracle'"):
+        channel_summary({"oracle": [True]}, chance=None)

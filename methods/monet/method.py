@@ -6,9 +6,11 @@ by latents aligned to the distill model's latents). Decoding: `latentkit.latent.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
+from latentkit.methods.monet.channel import latent_conditions, with_aux_correct
 from latentkit.methods.monet.config import MonetConfig
 from latentkit.methods.monet.layout import latent_layout, observation_positions, stage2_mask, teacher_layout
 from latentkit.methods.monet.losses import alignment_loss, latent_only_proxy
@@ -255,6 +257,26 @@ class Monet(Method):
                     found.update(zip((s.key for s in chunk), self.target_latents(chunk)))
         size = self.config.num_latents
         return [found[sample.key][-1].reshape(-1, size, found[sample.key].shape[-1]) for sample in samples]
+
+    def latent_channel(
+        self, samples: list[Sample], run_dir: Path | None
+    ) -> dict[str, list[bool | None]] | None:
+        """Teacher-forced channel check (`latentkit.methods.monet.channel`): the warm-up model with the auxiliary
+        images (`with_aux`); the distill model in its own layout with its latents (`oracle`) or dummies."""
+        if run_dir is None or not all(sample.has_aux_images for sample in samples):
+            return None
+        stages = run_dir / "stages"
+        warmup, distill = stages / "warmup" / "final", stages / "distill" / "final"
+        if not all((folder / METHOD_FILE).is_file() for folder in (warmup, distill)):
+            return None
+        size = self.config.cache_batch_size
+        with _eval_mode(self.backbone):
+            with swapped_weights(self.backbone, warmup):
+                results = {"with_aux": with_aux_correct(self.backbone, samples, self.config, size)}
+            with swapped_weights(self.backbone, distill):
+                fill = partial(self.fill_batch, feedback="none")
+                results.update(latent_conditions(self.backbone, samples, self.config, fill, size))
+        return results
 
     # --- decoding -----------------------------------------------------------------------------------------
     def decoding_policy(self) -> LatentPolicy:

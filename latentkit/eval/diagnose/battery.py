@@ -29,6 +29,7 @@ import torch
 from latentkit.decoding import SamplingParams
 from latentkit.errors import ConfigError
 from latentkit.eval.benchmarks import get_benchmark
+from latentkit.eval.diagnose.channel import channel_summary
 from latentkit.eval.diagnose.conditions import (
     ConditionRun,
     Runner,
@@ -176,6 +177,11 @@ def diagnose(
             {s.key: list(b.float().cpu()) for s, b in zip(samples, oracle_blocks)}, 1, "oracle"
         )
         replaced.append(runner.run("oracle", base.k, force, oracle))
+    channel_results = model.method.latent_channel(samples, model.run_dir)
+    if channel_results is None:
+        notes.append(
+            "channel check: skipped; the method gives no teacher-forced channel check for these samples"
+        )
     inputs, input_runs = _input_conditions(runner, samples, base.k, force, options.seed, out_dir, notes)
     sweep = [runner.run(f"k={k}", k, force) for k in options.k_sweep]
     readout = read_blocks(model.backbone, baseline.trajectories, base.kind, options.batch_size)
@@ -219,6 +225,9 @@ def diagnose(
         "prism": _prism(samples, readout, model, options.seed),
         "attention": mean_attention(readout.attention),
         "retrieval": _retrieval(baseline.latents, oracle_blocks),
+        "channel": None
+        if channel_results is None
+        else channel_summary(channel_results, eval_set.chance_level),
         "notes": notes,
         "per_sample": _per_sample(samples, [generated, forced, *replaced, *input_runs, *sweep]),
         "seconds": None,

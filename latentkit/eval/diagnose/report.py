@@ -48,6 +48,14 @@ READING_GUIDE = """\
   and per token), recomputed from the layer's own rotated queries and keys under its mask.
 - **Retrieval**: how often a sample's latents are closest (cosine) to its own oracle among all samples'
   oracles; chance is 1/n; centred: both sets minus their own mean.
+- **Latent channel** (teacher-forced, so it needs no generation): on each gold response, whether every token
+  of the answer's first mention after the auxiliary image is the model's top-1. *with_aux*: the auxiliary
+  images given (Monet: the warm-up model, images inline). *oracle*: latents that hold them (Monet: the distill
+  model in its own layout, where only the latents see each auxiliary image). *Dummies*: the same latents
+  replaced (zeros, their mean, another sample's, norm-matched noise). The channel *carries* the answer when
+  the oracle is within 0.10 of with_aux, and is *needed* when every dummy stays at or below the midpoint
+  between chance and the oracle; a valid setting has both, and a method's own latents are read against the
+  range from the dummies to the oracle.
 - **Test-time K**: the number of latent steps per block changed at test time.
 """
 
@@ -97,6 +105,37 @@ CONDITION_HEADER = [
     "changed",
     "trigger rate",
 ]
+
+
+def _channel_lines(channel: dict[str, Any], generated: float) -> list[str]:
+    verdict = "valid" if channel["valid"] else "not valid"
+    reasons = [
+        f"the oracle {'carries' if channel['carries'] else 'does not carry'} the answer",
+        f"the dummies {'fall' if channel['needed'] else 'do not fall'} to at most {channel['dummy_ceiling']:.3f}",
+    ]
+    lines = ["", "## Latent channel (teacher-forced on the gold responses)", ""]
+    lines += _table(
+        ["condition", "accuracy", "95% CI", "Δ vs oracle", "McNemar p", "samples"],
+        [
+            [
+                name,
+                _number(c["accuracy"]),
+                _interval(c),
+                f"{c['delta_vs_oracle']:+.3f}",
+                _p(c["p_vs_oracle"]),
+                str(c["samples"]),
+            ]
+            for name, c in channel["conditions"].items()
+        ],
+    )
+    lines += [
+        "",
+        (
+            f"Channel: **{verdict}** ({'; '.join(reasons)}; chance {_number(channel['chance'])}). The model's own "
+            f"answers score {generated:.3f} as generated."
+        ),
+    ]
+    return lines
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -277,6 +316,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                 ]
             ],
         )
+    channel = report.get("channel")
+    if channel is not None:
+        lines += _channel_lines(channel, report["generated"]["accuracy"])
     lines += ["", "## Test-time K", ""]
     lines += _table(
         ["K", "accuracy", "95% CI", "Δ vs baseline", "McNemar p", "trigger rate"],
