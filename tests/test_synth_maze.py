@@ -186,5 +186,5 @@ def test_registry_entry() -> None:
         task.parse_knobs(["grid_size"])
     with pytest.raises(DataError, match="valid variants: plan, yesno"):
         task.check_variant("mc")
-    with pytest.raises(DataError, match="valid tasks: synth-zoom, synth-maze, synth-arith"):
+    with pytest.raises(DataError, match="valid tasks: synth-zoom, synth-maze, synth-moves, synth-arith"):
         get_synth_task("synth-mze")
