@@ -38,6 +38,36 @@ class ChatFormat:
     def special_tokens(self) -> list[str]:
         return [self.pad, self.im_start, self.im_end, self.vision_start, self.vision_end, self.image_pad]
 
+    def template(self) -> str:
+        """A Jinja chat template that renders messages as `latentkit.chat.render_chat` renders a sample: no
+        default system turn, one image placeholder per image (a processor repeats it per image token)."""
+        names = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
+        return "".join(f"{{%- set {name} = {getattr(self, name)!r} -%}}" for name in names) + _CHAT_TEMPLATE
+
+
+_CHAT_TEMPLATE = r"""
+{%- for message in messages -%}
+{{- im_start + message['role'] + '\n' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- else -%}
+{%- for item in message['content'] -%}
+{%- if item['type'] == 'image' -%}
+{{- vision_start + image_pad + vision_end -}}
+{%- elif item['type'] == 'text' -%}
+{{- item['text'] -}}
+{%- else -%}
+{{- raise_exception('latentkit models take text and image content, not ' + item['type']) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- im_end + '\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- im_start + 'assistant\n' -}}
+{%- endif -%}
+"""
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -71,6 +101,8 @@ class Backbone:
         self.source = ""  # preset name or checkpoint path, for run names and fingerprints
         self._use_latentkit_attention()
         self.add_tokens(self.chat.special_tokens())
+        # latentkit renders every model's chats itself (ChatML); the saved template renders them the same way
+        self.tokenizer.chat_template = self.chat.template()
 
     def hf_model(self) -> nn.Module:
         """The HF model class instance (the LoRA wrapper's base model, if LoRA is on)."""
@@ -180,7 +212,7 @@ class Backbone:
         return self.lm_head(hidden)
 
     def save(self, path: Path) -> None:
-        """HF format (safetensors weights, config, tokenizer, image processor) plus the backbone family."""
+        """HF format (safetensors weights, config, tokenizer with chat template, processor) plus the family."""
         path.mkdir(parents=True, exist_ok=True)
         self._save_model(path)
         self.tokenizer.save_pretrained(path)

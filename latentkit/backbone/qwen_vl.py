@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -13,6 +15,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from latentkit.backbone.base import Backbone, ImageInput
 from latentkit.kernels.dispatch import AttentionBackend
 from latentkit.kernels.hf import ATTN_IMPLEMENTATION
+
+PROCESSOR_FILE = "processor_config.json"
 
 
 def mrope_position_ids(
@@ -43,6 +47,7 @@ def mrope_position_ids(
 
 class QwenVLBackbone(Backbone):
     family: ClassVar[str] = "qwen2_5_vl"
+    processor_class: ClassVar[str] = "Qwen2_5_VLProcessor"
 
     def __init__(
         self,
@@ -95,10 +100,15 @@ class QwenVLBackbone(Backbone):
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         return mrope_position_ids(input_ids, self.image_token_id, image_grids, self.merge_size)
 
-    def save(self, path) -> None:
+    def save(self, path: Path) -> None:
+        """Adds the image processor config and the processor class, in the layout of Qwen's own checkpoints:
+        transformers builds the video processor from the image processor's config (that needs torchvision)."""
         super().save(path)
         self.image_processor.save_pretrained(path)
+        config = {"processor_class": self.processor_class}
+        (path / PROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 class Qwen2VLBackbone(QwenVLBackbone):
     family: ClassVar[str] = "qwen2_vl"
+    processor_class: ClassVar[str] = "Qwen2VLProcessor"

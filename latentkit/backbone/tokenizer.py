@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 PAD_TOKEN = "<|endoftext|>"
 QWEN_SPECIAL_TOKENS = (
@@ -30,9 +31,19 @@ _CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a deterministic byte-level BPE on the fixed corpus and wrap it for transformers."""
+    """Train a deterministic byte-level BPE on the fixed corpus and wrap it for transformers.
+
+    Normalizer and pre-tokenizer are Qwen2's: `AutoTokenizer` loads a saved qwen2 model's tokenizer as
+    `Qwen2Tokenizer`, which rebuilds them from its own code, so only these tokenize the same after a round trip.
+    """
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
