@@ -236,6 +236,23 @@ def test_eval_of_a_model_folder_writes_outside_it_and_keeps_its_fingerprint(
     assert model_fingerprint(model, None) == fingerprint
 
 
+def test_results_from_another_data_folder_are_not_mixed(trained, tmp_path, capsys):
+    """One benchmark name, two data folders, one --out: the second is refused; the same folder resumes."""
+    own = trained / "data" / "synth-zoom"
+    other = tmp_path / "other"
+    shutil.copytree(own, other)
+    out = tmp_path / "results.jsonl"
+    args = ["eval", "--run", str(trained), "--benchmark", "synth-zoom", "--split", "train", "--limit", "2"]
+    args += ["--max-new-tokens", "2", "--out", str(out), "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--data", str(own))
+    assert code == 0, err
+    line = one_line_error(*run_cli(capsys, *args, "--data", str(other))[::2])
+    assert f"{out} line 1 holds results from a different data" in line and "never mixed" in line
+    code, _, err = run_cli(capsys, *args, "--data", str(own))
+    assert code == 0, err
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_eval_and_diagnose_outputs_are_named_by_checkpoint_and_settings(tmp_path):
     from types import SimpleNamespace
 

@@ -143,6 +143,7 @@ def run_header(
         "sampling": asdict(options.sampling),
         "num_samples": options.num_samples,
         "aux_images": options.aux_images,
+        "data": str(Path(eval_set.source).resolve()),  # two folders under one benchmark name never mix
     }
     return json.loads(json.dumps(header))
 
