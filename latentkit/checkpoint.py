@@ -219,10 +219,7 @@ def load_final_weights(module: nn.Module, final_dir: Path) -> None:
     """Start a stage from an earlier stage's final weights (e.g. Monet stage 3 from stage 1)."""
     if not (final_dir / METHOD_FILE).is_file():
         raise CheckpointError(f"{final_dir} is missing: run the stage that writes it first (train.stage=...)")
-    target = unwrap_lora(module.model)
-    # from_pretrained undoes any key renaming save_pretrained applied; then copy into the live model.
-    saved = type(target).from_pretrained(final_dir, local_files_only=True, dtype=target.dtype)
-    target.load_state_dict(saved.state_dict())
+    load_model_weights(unwrap_lora(module.model), final_dir)
     if (final_dir / METHOD_MODULES_FILE).is_file():
         module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))
 
@@ -236,6 +233,13 @@ def model_files(model_dir: Path) -> list[Path]:
         for p in candidates
         if p.is_file() and not p.name.startswith(".") and p.suffix in _MODEL_FILE_SUFFIXES
     )
+
+
+def load_model_weights(model: nn.Module, final_dir: Path) -> None:
+    """Copy the HF weights saved in `final_dir` into the live `model` (of the same class)."""
+    # from_pretrained undoes any key renaming save_pretrained applied.
+    saved = type(model).from_pretrained(final_dir, local_files_only=True, dtype=model.dtype)
+    model.load_state_dict(saved.state_dict())
 
 
 def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:

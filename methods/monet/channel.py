@@ -21,7 +21,7 @@ from latentkit.methods.monet.layout import latent_layout, stage2_mask, teacher_l
 from latentkit.backbone import Backbone
 from latentkit.latent import FilledLatents
 from latentkit.layout import Batch, Kind, Layout, collate, inputs_embeds
-from latentkit.masks import MaskSpec, causal_mask, with_padding
+from latentkit.masks import MaskSpec
 from latentkit.segments import Sample
 
 DUMMIES = ("zeros", "dataset_mean", "swap", "noise")
@@ -71,18 +71,22 @@ def _after_aux(layout: Layout) -> int:
 
 @torch.no_grad()
 def with_aux_correct(
-    backbone: Backbone, samples: list[Sample], config: MonetConfig, batch_size: int
+    backbone: Backbone,
+    samples: list[Sample],
+    config: MonetConfig,
+    mask_of: Callable[[Batch], MaskSpec],
+    batch_size: int,
 ) -> list[bool | None]:
-    """The warm-up model (held by `backbone`) on the stage-1 sequence, causal attention."""
+    """The warm-up model (held by `backbone`) on the stage-1 sequence under its own mask (`mask_of`)."""
     correct: list[bool | None] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         layouts = [teacher_layout(backbone, sample, config) for sample in chunk]
         batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
-        length = batch.input_ids.shape[1]
-        mask = with_padding(causal_mask(len(layouts), length, batch.input_ids.device), batch.valid)
-        spans = [answer_span(l, _answer_ids(backbone, s), _after_aux(l)) for l, s in zip(layouts, chunk)]
-        correct += forced_correct(backbone, layouts, inputs_embeds(backbone, batch), mask, spans, batch)
+        embeds = inputs_embeds(backbone, batch)
+        correct += forced_correct(
+            backbone, layouts, embeds, mask_of(batch), _spans(backbone, layouts, chunk), batch
+        )
     return correct
 
 
@@ -90,46 +94,56 @@ def with_aux_correct(
 def latent_conditions(
     backbone: Backbone, samples: list[Sample], config: MonetConfig, fill: Fill, batch_size: int, seed: int = 0
 ) -> dict[str, list[bool | None]]:
-    """The distill model (held by `backbone`) in its own layout: its filled latents (`oracle`) and the dummies."""
+    """The distill model (held by `backbone`) in its own layout: its filled latents (`oracle`) and the dummies.
+
+    Two passes over the samples, a batch at a time: the first fills every sample's latents (the dataset mean
+    needs them all), the second scores every condition on each batch."""
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    prepared = []
+    own: list[torch.Tensor] = []
+    slot_positions: list[torch.Tensor] = []  # per batch, where its latents go
     for chunk in chunks:
-        layouts = [latent_layout(backbone, sample, config, keep_aux_images=True) for sample in chunk]
-        batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
-        mask = stage2_mask(batch, config.start_sees_image)
-        embeds = inputs_embeds(backbone, batch)
-        prepared.append((chunk, layouts, batch, mask, embeds, fill(batch, embeds, mask)))
-    own = [
-        filled.values[b, : int((filled.positions[b] >= 0).sum())]
-        for *_, filled in prepared
-        for b in range(filled.values.shape[0])
-    ]
+        _, batch, mask, embeds = _stage2_inputs(backbone, chunk, config)
+        filled = fill(batch, embeds, mask)
+        own += [filled.values[b, : int((row >= 0).sum())] for b, row in enumerate(filled.positions)]
+        slot_positions.append(filled.positions)
     mean = torch.cat(own).mean(0)
     generator = torch.Generator().manual_seed(seed)
+    # The swap gives each sample the next one's latents (its own when their block counts differ).
+    donors = [own[(i + 1) % len(own)] for i in range(len(own))]
     replaced = {
         "oracle": own,
         "zeros": [torch.zeros_like(v) for v in own],
         "dataset_mean": [mean.expand_as(v) for v in own],
-        "swap": [
-            own[(i + 1) % len(own)] if own[(i + 1) % len(own)].shape == v.shape else v
-            for i, v in enumerate(own)
-        ],
+        "swap": [d if d.shape == v.shape else v for v, d in zip(own, donors)],
         "noise": [_norm_matched_noise(v, generator) for v in own],
     }
     results: dict[str, list[bool | None]] = {name: [] for name in replaced}
-    for name, values in replaced.items():
-        index = 0
-        for chunk, layouts, batch, mask, embeds, filled in prepared:
-            rows = values[index : index + len(chunk)]
-            index += len(chunk)
-            written = filled.values.clone()
-            for b, row in enumerate(rows):
+    index = 0
+    for chunk, positions in zip(chunks, slot_positions):
+        layouts, batch, mask, embeds = _stage2_inputs(backbone, chunk, config)
+        spans = _spans(backbone, layouts, chunk)
+        for name, values in replaced.items():
+            written = embeds.new_zeros(len(chunk), positions.shape[1], embeds.shape[-1])
+            for b, row in enumerate(values[index : index + len(chunk)]):
                 written[b, : row.shape[0]] = row
-            spans = [answer_span(l, _answer_ids(backbone, s), _after_aux(l)) for l, s in zip(layouts, chunk)]
-            results[name] += forced_correct(
-                backbone, layouts, FilledLatents(written, filled.positions).write(embeds), mask, spans, batch
-            )
+            latents = FilledLatents(written, positions).write(embeds)
+            results[name] += forced_correct(backbone, layouts, latents, mask, spans, batch)
+        index += len(chunk)
     return results
+
+
+def _stage2_inputs(
+    backbone: Backbone, chunk: list[Sample], config: MonetConfig
+) -> tuple[list[Layout], Batch, MaskSpec, torch.Tensor]:
+    layouts = [latent_layout(backbone, sample, config, keep_aux_images=True) for sample in chunk]
+    batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
+    return layouts, batch, stage2_mask(batch, config.start_sees_image), inputs_embeds(backbone, batch)
+
+
+def _spans(backbone: Backbone, layouts: list[Layout], chunk: list[Sample]) -> list[tuple[int, int] | None]:
+    return [
+        answer_span(layout, _answer_ids(backbone, s), _after_aux(layout)) for layout, s in zip(layouts, chunk)
+    ]
 
 
 def _norm_matched_noise(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

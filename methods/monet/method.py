@@ -18,7 +18,7 @@ from latentkit.methods.sft.method import sft_loss
 
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
-from latentkit.checkpoint import METHOD_FILE, model_fingerprint
+from latentkit.checkpoint import METHOD_FILE, load_model_weights, model_fingerprint
 from latentkit.errors import CheckpointError
 from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
 from latentkit.latent.fill import Feedback
@@ -272,7 +272,8 @@ class Monet(Method):
         size = self.config.cache_batch_size
         with _eval_mode(self.backbone):
             with swapped_weights(self.backbone, warmup):
-                results = {"with_aux": with_aux_correct(self.backbone, samples, self.config, size)}
+                mask_of = partial(super().mask, stage="warmup")
+                results = {"with_aux": with_aux_correct(self.backbone, samples, self.config, mask_of, size)}
             with swapped_weights(self.backbone, distill):
                 fill = partial(self.fill_batch, feedback="none")
                 results.update(latent_conditions(self.backbone, samples, self.config, fill, size))
@@ -326,10 +327,7 @@ class swapped_weights:
 
     def __enter__(self) -> None:
         self.own = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
-        saved = type(self.model).from_pretrained(
-            self.final_dir, local_files_only=True, dtype=self.model.dtype
-        )
-        self.model.load_state_dict(saved.state_dict())
+        load_model_weights(self.model, self.final_dir)
 
     def __exit__(self, *exc: object) -> None:
         self.model.load_state_dict(self.own)
