@@ -42,11 +42,13 @@ def render_chat(
     weights: ResponseWeights,
     prompt_only: bool = False,
     after_images: InsertHandler | None = None,
+    before_segment: InsertHandler | None = None,
 ) -> None:
     """Append the conversation; with `prompt_only`, stop after the assistant header (for generation).
 
     `after_images` is called once, right after the question's last image (or, without one, before the first
-    user segment's content), to place vectors such as prompt embeddings.
+    user segment's content), to place vectors such as prompt embeddings. `before_segment` is called with each
+    segment's index before its content (after its turn's header), e.g. to open a latent segment before a step.
     """
     chat = builder.backbone.chat
     open_tag, close_tag = weights.observation_tags
@@ -66,6 +68,8 @@ def render_chat(
                 return
         if after_images is not None and index == insert_before:
             after_images(builder, index)
+        if before_segment is not None:
+            before_segment(builder, index)
         train = role == "assistant"
         if segment.kind == "text":
             builder.add_text(segment.text, Kind.TEXT, index, train=train)
