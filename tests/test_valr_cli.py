@@ -136,6 +136,12 @@ def test_bad_k_and_layer_are_one_line_errors(tmp_path):
         assert message in result.stderr.strip().splitlines()[-1]
 
 
+def cached_features(cache: Path, key: tuple[str, str]) -> torch.Tensor:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    shard, name = next((s, n) for d, i, s, n in manifest["index"] if (d, i) == key)
+    return load_file(str(cache / shard))[name]
+
+
 def test_real_checkpoint_and_encoder_directories_with_official_records(tmp_path):
     torch.manual_seed(0)
     checkpoint = tmp_path / "Qwen2.5-VL-tiny"
@@ -146,21 +152,36 @@ def test_real_checkpoint_and_encoder_directories_with_official_records(tmp_path)
     encoder.processor.save_pretrained(encoder_dir)
     data = tmp_path / "interleaved"
     write_official_dataset(data)
-    latentkit(
-        *train_args(
-            tmp_path,
-            "real",
-            *VALR,
-            "train.steps=1",
-            "model.preset=null",
-            f"model.path={checkpoint}",
-            f"data.path={data}",
-            "data.on_bad_record=skip",
-            f"method.encoders=[{{path: {encoder_dir}}}]",
-        ),
+    args = train_args(
+        tmp_path,
+        "real",
+        *VALR,
+        "train.steps=1",
+        "model.preset=null",
+        f"model.path={checkpoint}",
+        f"data.path={data}",
+        "data.on_bad_record=skip",
+        f"method.encoders=[{{path: {encoder_dir}}}]",
     )
+    latentkit(*args)
     run = tmp_path / "real"
     assert (run / "final" / "config.json").is_file()
-    manifest = json.loads((run / "stages" / "align" / "features-siglip-tiny" / "manifest.json").read_text())
+    cache = run / "stages" / "align" / "features-siglip-tiny"
+    manifest = json.loads((cache / "manifest.json").read_text())
     keys = sorted((dataset, sample_id) for dataset, sample_id, _, _ in manifest["index"])
     assert keys == [(d, str(i)) for d in ("Visual_CoT", "Zebra_CoT_visual_search") for i in range(3)]
+    first = tuple(manifest["index"][0][:2])
+    features_before = cached_features(cache, first)
+
+    # Other encoder weights under the same path: the resumed align stage rebuilds the cache, never reuses it.
+    with torch.no_grad():
+        for parameter in encoder.model.parameters():
+            parameter.add_(0.5)
+    encoder.model.save_pretrained(encoder_dir)
+    shutil.rmtree(run / "stages" / "align" / "final")
+    shutil.rmtree(run / "final")
+    latentkit(*args, "--resume")
+    assert ("align", "cache_stale", "features-siglip-tiny") in events(run)
+    rebuilt = json.loads((cache / "manifest.json").read_text())
+    assert rebuilt["fingerprint"] != manifest["fingerprint"]
+    assert not torch.equal(cached_features(cache, first), features_before)
