@@ -19,7 +19,16 @@ from latentkit.methods.valr.losses import grid_upsample, repa_loss
 from latentkit.methods.valr.steps import cut_steps, sample_images
 from PIL import Image
 from pydantic import ValidationError
-from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+from transformers import (
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
+)
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
@@ -253,6 +262,30 @@ def test_patch_features_drop_class_and_register_tokens():
     processor.size = {"shortest_edge": 28}
     features, grid = patch_features(model, processor, images)
     assert grid == (2, 2) and features.shape == (1, 4, 8)  # 1 class + 3 registers dropped of 8 tokens
+
+
+def test_dinov3_registers_and_siglip2_native_grids():
+    images = [Image.new("RGB", (40, 40), (3, 4, 5)), Image.new("RGB", (40, 40), (90, 4, 5))]
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    dinov3 = DINOv3ViTModel(
+        DINOv3ViTConfig(**small, image_size=32, patch_size=16, num_register_tokens=4)
+    ).eval()
+    processor = BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    with torch.no_grad():
+        tokens = dinov3(
+            pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]
+        ).last_hidden_state
+    features, grid = patch_features(dinov3, processor, images)
+    assert tokens.shape[1] == 1 + 4 + 4 and grid == (2, 2)  # class, 4 registers, a 2 x 2 grid
+    assert torch.equal(features, tokens[:, 5:])
+    siglip2 = Siglip2VisionModel(Siglip2VisionConfig(**small, patch_size=16, num_patches=16)).eval()
+    native = Siglip2ImageProcessorPil(max_num_patches=16, patch_size=16)
+    inputs = native(images=images, return_tensors="pt")
+    with torch.no_grad():
+        tokens = siglip2(**inputs).last_hidden_state
+    features, grid = patch_features(siglip2, native, images)
+    assert grid == tuple(inputs["spatial_shapes"][0].tolist()) == (4, 4)
+    assert torch.equal(features, tokens[:, :16])
 
 
 def test_encoder_from_a_local_directory_matches_the_preset_and_fingerprints_its_processor(tmp_path):
