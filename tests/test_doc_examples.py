@@ -85,3 +85,41 @@ def test_shown_command_parses(where, argv):
         overrides.append(f"run.method={params['method']}")
     config = params["config"]
     resolve_config(REPO / config if config is not None else None, overrides)
+
+
+def python_blocks(text: str) -> list[str]:
+    blocks, current = [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None and line[3:].strip() == "python":
+                current = []
+            elif current is not None:
+                blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """The README's Python blocks, run as written in a folder holding the runs they name and a star.png."""
+    from helpers import latentkit
+    from PIL import Image, ImageDraw
+
+    fast = ["train.steps=1", "train.progress=false", "data.synth.n_train=8", "data.synth.n_test=4"]
+    latentkit("train", "--method", "sft", f"run.output_dir={tmp_path / 'runs'}", *fast)
+    arith = ["model.preset=tiny-causal-lm", "data.task=synth-arith"]
+    latentkit("train", "--method", "sft", f"run.output_dir={tmp_path / 'runs'}", *fast, *arith)
+    star = Image.new("RGB", (56, 56), (225, 225, 225))
+    ImageDraw.Draw(star).polygon(
+        [(28, 6), (34, 22), (50, 22), (37, 32), (42, 48), (28, 38)], fill=(220, 30, 30)
+    )
+    star.save(tmp_path / "star.png")
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks((REPO / "README.md").read_text())
+    assert len(blocks) >= 3
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
+    assert namespace["summary"]["accuracy"] >= 0  # the last block evaluated its model
