@@ -8,6 +8,10 @@ import typer
 
 
 def eval_command(
+    overrides: list[str] = typer.Argument(
+        None,
+        help="Method decoding knobs, e.g. method.decode_latents=4 (part of the results' name and header).",
+    ),
     benchmark: str = typer.Option(
         ..., "--benchmark", "-b", help="Benchmark name (see `latentkit benchmarks list`)."
     ),
@@ -29,7 +33,10 @@ def eval_command(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     num_samples: int = typer.Option(
-        1, "--num-samples", "-n", help="Answers per question (pass@k); needs sampling."
+        1,
+        "--num-samples",
+        "-n",
+        help="Answers per question (pass@k); needs sampling, or a method whose prompts vary per answer.",
     ),
     seed: int = typer.Option(0, "--seed"),
     stop: list[str] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -59,7 +66,7 @@ def eval_command(
     )
     options = EvalOptions(benchmark, data, split, limit, batch_size, sampling, num_samples, aux_images)  # type: ignore[arg-type]
     logging.disable_progress_bar()  # one bar per weight load is noise next to the eval's own bar
-    model = load_eval_model(run, checkpoint)
+    model = load_eval_model(run, checkpoint, overrides or ())
     results = out or default_output(model, options)
     summary = evaluate(model, options, results, progress=progress)
     shown = {k: summary[k] for k in ("benchmark", "split", "scorer", "accuracy", "chance_level", "pass_at_k")}

@@ -121,21 +121,30 @@ class Method(ABC):
     @abstractmethod
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput: ...
 
-    def prompt(self, sample: Sample) -> LayoutBuilder:
+    def prompt(self, sample: Sample, draw: int = 0) -> LayoutBuilder:
         """What generation continues: the system and user turns, then the assistant header; the vectors of
-        `prompt_embeddings` sit right after the question's images (or open the user turn when it has none)."""
+        `prompt_embeddings` sit right after the question's images (or open the user turn when it has none).
+        `draw` numbers the answers to one question (0 .. k-1 for pass@k)."""
         from latentkit.chat import ResponseWeights, drop_aux_image, render_chat
         from latentkit.layout import LayoutBuilder
 
         builder = LayoutBuilder(self.backbone)
-        vectors = self.prompt_embeddings(sample)
+        vectors = self.prompt_embeddings(sample, draw)
         insert = None if vectors is None else lambda b, index: b.add_embeddings(vectors, index)
         render_chat(builder, sample, drop_aux_image, ResponseWeights(), prompt_only=True, after_images=insert)
         return builder
 
-    def prompt_embeddings(self, sample: Sample) -> torch.Tensor | None:
-        """Hook: vectors [n, D] placed into the generation prompt (e.g. a sampled strategy prefix); None: none."""
+    def prompt_embeddings(self, sample: Sample, draw: int = 0) -> torch.Tensor | None:
+        """Hook: vectors [n, D] placed into the generation prompt (e.g. a sampled strategy prefix); None: none.
+        A method that samples them draws its own for each `draw` (reproducibly: the same (sample, draw), the
+        same vectors) and says so with `prompts_vary`."""
         return None
+
+    @property
+    def prompts_vary(self) -> bool:
+        """Whether `prompt_embeddings` differ between draws, so that k greedy answers to one question differ
+        (pass@k without token sampling)."""
+        return False
 
     def decoding_policy(self) -> DecodingPolicy:
         """Hook: how this method decodes (`latentkit.decoding`); the default feeds every sampled token."""

@@ -400,7 +400,7 @@ def test_prompt_embeddings_sit_after_the_images_and_are_read(backbone, tmp_path)
     from latentkit.methods.sft.method import SFT
 
     class WithPrefix(SFT):
-        def prompt_embeddings(self, sample):
+        def prompt_embeddings(self, sample, draw=0):
             return torch.full((2, self.backbone.hidden_size), 0.5)
 
     method = WithPrefix(SFT.Config())

@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 from helpers import latentkit, metrics, train_args
+from latentkit.methods.sft.method import SFT
 from PIL import Image
 
+import latentkit as api
 from latentkit.decoding import DecodingPolicy, SamplingParams, Step, Token
 from latentkit.eval.answer import answer_samples
 from latentkit.eval.model import load_eval_model
@@ -206,3 +210,44 @@ def test_dataset_aux_images_are_inserted_when_asked(run, monkeypatch):
     assert len(image_slots) == 4  # question image + the inserted zoom crop, per sample
     plain = answer_samples(model.method, samples, SamplingParams(max_new_tokens=6), 2, aux_images="none")
     assert [a.aux_images_used for a in plain] == [0, 0]
+
+
+def test_greedy_pass_at_k_needs_prompts_that_vary(run, tmp_path):
+    result = evaluate(run, tmp_path / "g.jsonl", "--num-samples", "2", check=False)
+    assert result.returncode == 2
+    assert "needs sampling" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+class DrawnPrefix(SFT):
+    """Prompts that vary per answer: one vector per draw, from a generator seeded by (sample, draw)."""
+
+    prompts_vary = True
+    drawn: ClassVar[list[tuple[str, int]]] = []
+
+    def prompt_embeddings(self, sample, draw=0):
+        DrawnPrefix.drawn.append((sample.sample_id, draw))
+        generator = torch.Generator().manual_seed(hash((sample.sample_id, draw)) % 2**31)
+        return torch.randn(1, self.backbone.hidden_size, generator=generator)
+
+
+def test_each_answer_gets_its_draw_and_greedy_pass_at_k_runs_when_prompts_vary(run, tmp_path):
+    model = load_eval_model(run)
+    method = DrawnPrefix(model.method.config)
+    method.setup(model.backbone)
+    model.method = method
+    DrawnPrefix.drawn.clear()
+    summary = api.evaluate(model, "synth-zoom", tmp_path / "v.jsonl", limit=2, num_samples=3, batch_size=1)
+    assert DrawnPrefix.drawn == [(f"synth-zoom-test-00000{i}", d) for i in range(2) for d in range(3)]
+    assert set(summary["pass_at_k"]) == {"1", "2", "3"} and summary["sampling"]["temperature"] == 0.0
+
+
+def test_method_overrides_name_and_label_the_results(run, tmp_path):
+    latentkit("eval", "--run", str(run), "--benchmark", "synth-zoom", "--limit", "2", "--max-new-tokens", "4",
+              "--no-progress", "method.observation_weight=3")  # fmt: skip
+    out = run / "eval" / "synth-zoom-test-observation_weight=3-max4.jsonl"
+    assert all(r["run"]["method_overrides"] == ["method.observation_weight=3"] for r in lines(out))
+    summary = json.loads(summary_path(out).read_text())
+    assert summary["model"]["method_overrides"] == ["method.observation_weight=3"]
+    latentkit("compare", str(summary_path(out)), "--out", str(tmp_path / "cmp"))
+    assert "sft (evalrun) [observation_weight=3]" in (tmp_path / "cmp" / "comparison.md").read_text()

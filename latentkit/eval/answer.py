@@ -52,15 +52,21 @@ def answer_samples(
     aux_images: AuxImages = "none",
     on_batch: Callable[[list[Answer]], None] | None = None,
     policy: DecodingPolicy | None = None,
+    draws: Sequence[int] | None = None,
 ) -> list[Answer]:
     """Answers in `samples` order, generated `batch_size` prompts at a time; `on_batch` sees each batch's.
 
     `policy` replaces the method's own decoding policy (e.g. latents with an intervention, for diagnostics).
+    `draws` numbers each row's answer among its question's (`Method.prompt`; default all 0).
     """
+    draws = list(draws) if draws is not None else [0] * len(samples)
+    if len(draws) != len(samples):
+        raise ValueError(f"{len(draws)} draws for {len(samples)} samples")
     answers: list[Answer] = []
     for start in range(0, len(samples), batch_size):
         batch_samples = list(samples[start : start + batch_size])
-        batch = _answer_batch(method, batch_samples, params, aux_images, policy)
+        batch_draws = draws[start : start + batch_size]
+        batch = _answer_batch(method, batch_samples, batch_draws, params, aux_images, policy)
         if on_batch is not None:
             on_batch(batch)
         answers.extend(batch)
@@ -70,6 +76,7 @@ def answer_samples(
 def _answer_batch(
     method: Method,
     samples: list[Sample],
+    draws: list[int],
     params: SamplingParams,
     aux_images: AuxImages,
     policy: DecodingPolicy | None,
@@ -78,7 +85,7 @@ def _answer_batch(
     use_tool = aux_images == "dataset" and backbone.supports_images
     tool_stop = (backbone.chat.vision_start,) if use_tool else ()
     tool_token = backbone.token_id(backbone.chat.vision_start) if use_tool else None
-    pending = [_Pending(sample, method.prompt(sample), []) for sample in samples]
+    pending = [_Pending(sample, method.prompt(sample, draw), []) for sample, draw in zip(samples, draws)]
     answers: list[Answer | None] = [None] * len(samples)
     active = list(range(len(samples)))
     round_index = 0

@@ -121,8 +121,11 @@ def load_entry(path: Path) -> Entry:
     model = summary["model"]
     run = Path(model.get("run") or model.get("model_dir") or path.parent).name
     aux = summary.get("aux_images", "none")
-    label = f"{model.get('method', '?')} ({run}{_model_within_run(model)})" + (
-        " +aux images" if aux != "none" else ""
+    overrides = " ".join(text.removeprefix("method.") for text in model.get("method_overrides", []))
+    label = (
+        f"{model.get('method', '?')} ({run}{_model_within_run(model)})"
+        + (" +aux images" if aux != "none" else "")
+        + (f" [{overrides}]" if overrides else "")
     )
     sampling = summary.get("sampling", {})
     decoding = (

@@ -27,6 +27,7 @@ class EvalModel:
     run_dir: Path | None
     stage: str | None
     fingerprint: str
+    method_overrides: tuple[str, ...] = ()  # `method.key=value` decoding knobs given at load
 
     def describe(self) -> dict[str, object]:
         return {
@@ -36,6 +37,7 @@ class EvalModel:
             "model_dir": str(self.model_dir),
             "backbone": str(self.config.model.path) if self.config.model.path else self.config.model.preset,
             "fingerprint": self.fingerprint,
+            "method_overrides": list(self.method_overrides),
         }
 
 
@@ -102,4 +104,6 @@ def load_eval_model(
     method.modules.eval()
     method.auxiliaries.to(backbone.device)
     fingerprint = model_fingerprint(model_dir, run_dir)
-    return EvalModel(backbone, method, config, model_dir, run_dir, saved.get("stage"), fingerprint)
+    return EvalModel(
+        backbone, method, config, model_dir, run_dir, saved.get("stage"), fingerprint, tuple(method_overrides)
+    )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -47,10 +48,6 @@ class EvalOptions:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
         if self.num_samples < 1:
             raise ConfigError(f"--num-samples must be at least 1, got {self.num_samples}")
-        if self.num_samples > 1 and self.sampling.temperature == 0.0:
-            raise ConfigError(
-                "--num-samples > 1 needs sampling: set --temperature above 0 (greedy answers repeat)"
-            )
         if self.aux_images not in ("none", "dataset"):
             raise ConfigError(f"--aux-images must be none or dataset, got {self.aux_images!r}")
 
@@ -93,8 +90,17 @@ def settings_tag(options: EvalOptions, default_max_new_tokens: int) -> str:
     return "".join(f"-{part}" for part in parts)
 
 
+def overrides_tag(overrides: Sequence[str]) -> str:
+    """Method overrides as a file name suffix: `method.prefix=noise` -> `-prefix=noise`."""
+    return "".join(
+        "-" + re.sub(r"[^A-Za-z0-9_.=+-]", "_", text.removeprefix("method.")) for text in overrides
+    )
+
+
 def default_output(model: EvalModel, options: EvalOptions) -> Path:
-    tag = settings_tag(options, get_benchmark(options.benchmark).max_new_tokens)
+    tag = overrides_tag(model.method_overrides) + settings_tag(
+        options, get_benchmark(options.benchmark).max_new_tokens
+    )
     return model_output_dir(model, "eval") / f"{options.benchmark}-{options.split}{tag}.jsonl"
 
 
@@ -145,6 +151,8 @@ def run_header(
         "aux_images": options.aux_images,
         "data": str(Path(eval_set.source).resolve()),  # two folders under one benchmark name never mix
     }
+    if model.method_overrides:  # absent when none, so results written before the key existed still resume
+        header["method_overrides"] = list(model.method_overrides)
     return json.loads(json.dumps(header))
 
 
@@ -152,6 +160,11 @@ def evaluate(
     model: EvalModel, options: EvalOptions, out: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Answer what is not yet in `out`, append it, then write and return the summary over the whole file."""
+    if options.num_samples > 1 and options.sampling.temperature == 0.0 and not model.method.prompts_vary:
+        raise ConfigError(
+            f"--num-samples > 1 needs sampling: set --temperature above 0 (greedy answers repeat; {model.method.name}'s "
+            "prompts are the same for every answer)"
+        )
     benchmark = get_benchmark(options.benchmark)
     out = Path(out) if out is not None else default_output(model, options)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +188,12 @@ def evaluate(
         bar.update(len(answers) // options.num_samples)
 
     repeated = [sample for sample in todo for _ in range(options.num_samples)]
+    draws = [draw for _ in todo for draw in range(options.num_samples)]
     # A batch holds every answer of its prompts, so each JSONL line is written whole.
     batch = options.batch_size * options.num_samples
-    answer_samples(model.method, repeated, options.sampling, batch, options.aux_images, on_batch=write_batch)
+    answer_samples(
+        model.method, repeated, options.sampling, batch, options.aux_images, on_batch=write_batch, draws=draws
+    )
     bar.close()
     records = [done[sample.sample_id] for sample in eval_set.samples]
     summary = summarize(records, header, eval_set, model, options, out)
