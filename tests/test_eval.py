@@ -121,6 +121,12 @@ def test_pass_at_k_with_sampling(run, tmp_path):
     summary = json.loads(summary_path(out).read_text())
     assert set(summary["pass_at_k"]) == {"1", "2"}
     assert summary["pass_at_k"]["2"] >= summary["pass_at_k"]["1"]
+    latentkit("compare", str(summary_path(out)), "--out", str(tmp_path / "cmp"))
+    assert (tmp_path / "cmp" / "pass_at_k.png").is_file()
+    table = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| sft") and "| T=1.0" in line)
+    shown = [float(cell) for cell in row.strip("| ").split(" | ")[-2:]]
+    assert shown == [round(100 * summary["pass_at_k"][k], 1) for k in ("1", "2")]
 
 
 def test_checkpoint_directory_and_bad_inputs(run, tmp_path):

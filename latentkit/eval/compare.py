@@ -1,4 +1,5 @@
-"""`latentkit compare`: join eval summaries into comparison.md / .csv / .json and a grouped bar chart.
+"""`latentkit compare`: join eval summaries into comparison.md / .csv / .json and a grouped bar chart (and,
+when summaries hold several answers per question, pass@k curves in pass_at_k.png and a pass@k table).
 
 Rows are evaluated models (method and run), columns are benchmarks; each cell carries a 95% Wilson interval
 over its questions. Runs that differ only by a seed suffix (`-seed3`, `-s3`) are also summarised together:
@@ -47,6 +48,7 @@ class Entry:
     repetition: int | None  # answers that ran to the length limit in a loop
     low: float  # 95% Wilson interval of the accuracy over the questions (several answers per question: their
     high: float  # mean correctness counts as the question's, an approximation)
+    pass_at_k: tuple[tuple[int, float], ...] = ()  # (k, pass@k) for every k the summary reports
 
     @property
     def seed_group(self) -> str:
@@ -155,6 +157,7 @@ def load_entry(path: Path) -> Entry:
         repetition=summary.get("counts", {}).get("repetition"),
         low=interval.low,
         high=interval.high,
+        pass_at_k=tuple(sorted((int(k), float(v)) for k, v in summary.get("pass_at_k", {}).items())),
     )
 
 
@@ -209,6 +212,9 @@ def compare(inputs: list[Path], out_dir: Path) -> dict[str, Any]:
     _write_csv(entries, flagged, out_dir / "comparison.csv")
     (out_dir / "comparison.md").write_text(markdown_table(entries, flagged, seeds), encoding="utf-8")
     plot(entries, flagged, out_dir / "comparison.png")
+    curves = [entry for entry in entries if len(entry.pass_at_k) > 1]
+    if curves:
+        plot_pass_at_k(curves, out_dir / "pass_at_k.png")
     return result
 
 
@@ -283,7 +289,26 @@ def markdown_table(
             f"- ⚠ {benchmark}: the results differ in {', '.join(KEY_NAMES.get(k, k) for k in keys)}; these "
             "numbers are not comparable"
         )
+    curves = [entry for entry in entries if len(entry.pass_at_k) > 1]
+    if curves:
+        lines += ["", *pass_at_k_table(curves)]
     return "\n".join(lines) + "\n"
+
+
+def pass_at_k_table(entries: list[Entry]) -> list[str]:
+    """pass@k (%) of every entry with several answers per question, one row per entry and benchmark."""
+    ks = sorted({k for entry in entries for k, _ in entry.pass_at_k})
+    lines = [
+        "pass@k (%), unbiased estimate from the answers per question (decoding as in each row's summary):",
+        "",
+        "| model | benchmark | decoding | " + " | ".join(f"k={k}" for k in ks) + " |",
+        "|---|---|---|" + "---|" * len(ks),
+    ]
+    for entry in entries:
+        values = dict(entry.pass_at_k)
+        cells = [f"{100 * values[k]:.1f}" if k in values else "—" for k in ks]
+        lines.append(f"| {entry.label} | {entry.benchmark} | {entry.sampling} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _write_csv(entries: list[Entry], flagged: dict[str, list[str]], path: Path) -> None:
@@ -328,6 +353,32 @@ def plot(entries: list[Entry], flagged: dict[str, list[str]], path: Path) -> Non
     axes.set_ylim(0, 105)
     axes.set_title("latentkit compare")
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_pass_at_k(entries: list[Entry], path: Path) -> None:
+    """pass@k against k (log scale), one panel per benchmark, one line per model; chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = _columns(entries)
+    figure, panels = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 4), squeeze=False)
+    for axes, column in zip(panels[0], columns, strict=True):
+        for entry in (e for e in entries if e.benchmark == column):
+            ks, values = zip(*entry.pass_at_k, strict=True)
+            axes.plot(ks, [100 * v for v in values], marker="o", label=f"{entry.label} ({entry.sampling})")
+        levels = [e.chance_level for e in entries if e.benchmark == column and e.chance_level is not None]
+        if levels:
+            axes.axhline(100 * max(levels), color="black", linestyle="dashed", label="chance (one answer)")
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("k (answers per question)")
+        axes.set_ylabel("pass@k (%)")
+        axes.set_title(column)
+        axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
