@@ -1,10 +1,12 @@
 """The VAE of reasoning strategies: h -> encoder MLP -> (mu, logvar) in R^k; z = mu + exp(logvar / 2) * eps;
-decoder -> the prefix embeddings of z, whose mean is the reconstruction h_hat in R^d.
+decoder -> the prefix embeddings of z, whose mean is the reconstruction h_hat in R^d (with the MLP decoder, its one
+embedding; with the transformer decoder, the mean of its prefix_tokens embeddings: ours, the paper does not say).
 
 The input h (`mean_embedding`) is the mean of the frozen model's raw input-token embeddings over the content
 tokens of `layout.content_layout`: the text of every user and assistant segment (text and observation), each
 tokenized on its own as the chat renders it, in order; the system turn, chat-template tokens (turn markers, role
-headers), observation tags and images (question and auxiliary) are left out.
+headers), observation tags and images (question and auxiliary) are left out (ours: the spec says [question; full
+answer with CoT]; an image placeholder's raw embedding carries nothing of its image).
 """
 
 from __future__ import annotations
