@@ -100,6 +100,11 @@ class Method(ABC):
         self.auxiliaries[name] = module
         return module
 
+    def stage_freeze(self, stage: str) -> tuple[str, ...]:
+        """Module groups (names as in `train.freeze`) that `stage` never trains, on top of `train.freeze`: e.g. the
+        language model while an owned module fits its frozen embeddings."""
+        return ()
+
     def stage_init(self, stage: str) -> str | None:
         """The earlier stage whose final weights this stage starts from (None: continue from the previous)."""
         return None

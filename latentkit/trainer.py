@@ -44,6 +44,7 @@ from latentkit.optim import (
     build_scheduler,
     check_module_groups,
     freeze_and_group,
+    frozen_groups,
     trainable_parameters,
 )
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress, get_method
@@ -369,7 +370,8 @@ def _run_stage(
     )
     run.method.prepare_stage(stage, context)
 
-    groups = freeze_and_group(run.backbone, run.method, train_cfg.freeze, train_cfg.module_lr, run.trainable)
+    freeze = [*frozen_groups(run.backbone, train_cfg.freeze), *run.method.stage_freeze(stage)]
+    groups = freeze_and_group(run.backbone, run.method, freeze, train_cfg.module_lr, run.trainable)
     optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
     scheduler = build_scheduler(optimizer, train_cfg)
     start_step = 0

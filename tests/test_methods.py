@@ -43,10 +43,12 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples, 
     method = method_cls(method_cls.Config())
     method.setup(backbone)
     batch_samples = samples[:2] if backbone.supports_images else [text_only(s) for s in samples[:2]]
-    groups = freeze_and_group(backbone, method, [], {}, trainable_parameters(backbone, method))
-    trainable = [p for params in groups.values() for p in params]
+    every = trainable_parameters(backbone, method)
     module = TrainModule(backbone, method)
     for stage in method.stages:
+        # No train.freeze: only what the method's stage itself never trains is frozen.
+        groups = freeze_and_group(backbone, method, list(method.stage_freeze(stage)), {}, every)
+        trainable = [p for params in groups.values() for p in params]
         stage_dir = tmp_path / "stages" / stage
         context = StageContext(
             tmp_path,

@@ -1,0 +1,162 @@
+"""Reasoning Palette (arXiv 2512.17206): stage `vae` fits a VAE to the mean input embedding h of each
+[question; answer] with the language model frozen; stage `warmup` is a short SFT with a prefix D(z), z from the
+prior, so the model stays responsive to z. At inference the prompt carries p = [D(z_1), ..., D(z_L)] right after
+the question's last image (or opening the user turn), each prompt of a sample with its own z.
+
+RL (a later stage kind) reuses this: a rollout's prompt layout holds its prefix vectors in its embedding slot, so
+its trajectory replays and recomputes log-probs under that same prefix (`latentkit.decoding.replay`); and
+`stage_freeze` keeps the VAE (module group `method`) frozen in every stage but `vae`, RL stages included.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+from latentkit.methods.palette.config import PaletteConfig
+from latentkit.methods.palette.domain import DomainGaussian, draw_normal
+from latentkit.methods.palette.layout import content_layout, prefixed_layout
+from latentkit.methods.palette.losses import vae_loss, vae_terms
+from latentkit.methods.palette.vae import PaletteVAE, build_vae, mean_embedding
+from torch import Tensor
+
+from latentkit.backbone import Backbone
+from latentkit.layout import Batch, Layout, collate, inputs_embeds
+from latentkit.losses import weighted_next_token_ce
+from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.segments import Sample, SampleKey
+
+
+def embedding_rms(backbone: Backbone) -> float:
+    """The root mean square of the token-embedding table's entries: a token embedding's scale per coordinate."""
+    return float(backbone.model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
+
+
+class Palette(Method):
+    Config = PaletteConfig
+    stages = ("vae", "warmup")
+    config: PaletteConfig
+
+    def __init__(self, config: PaletteConfig):
+        super().__init__(config)
+        self.draws: Counter[SampleKey] = Counter()  # prompts built per sample: the n-th gets draw n
+        self.domain: DomainGaussian | None = None
+
+    def setup(self, backbone: Backbone) -> None:
+        super().setup(backbone)
+        backbone.add_tokens(list(self.config.observation_tags))
+        self.modules["vae"] = build_vae(self.config, backbone.hidden_size).to(backbone.device)
+        if self.config.domain is not None:
+            self.domain = DomainGaussian.load(self.config.domain, self.config.latent_size)
+
+    @property
+    def vae(self) -> PaletteVAE:
+        return self.modules["vae"]  # type: ignore[return-value]
+
+    @cached_property
+    def initial_vae(self) -> PaletteVAE:
+        """The VAE at initialisation (re-created from `seeds.init`): `noise_prefix`'s untrained decoder."""
+        return build_vae(self.config, self.backbone.hidden_size).to(self.backbone.device).eval()
+
+    def stage_freeze(self, stage: str) -> tuple[str, ...]:
+        # vae: h is the frozen model's embeddings; every other stage (RL ones included) keeps the VAE fixed.
+        return tuple(self.backbone.module_groups()) if stage == "vae" else ("method",)
+
+    # --- layouts ----------------------------------------------------------------------------------------------
+    def layout(self, sample: Sample, stage: str) -> Layout:
+        if stage == "vae":
+            return content_layout(self.backbone, sample)
+        # Placeholder vectors: the loss writes D(z) there (layouts may be built in DataLoader workers).
+        size = self.config.train_prefix_length * self.config.vectors_per_latent
+        placeholder = torch.zeros(size, self.backbone.hidden_size)
+        return prefixed_layout(self.backbone, sample, placeholder, self.config.observation_tags)
+
+    # --- losses -----------------------------------------------------------------------------------------------
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+        if stage == "vae":
+            return self._vae_loss(backbone, batch)
+        return self._warmup_loss(backbone, batch, progress)
+
+    def _vae_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
+        h = self._to_vae(mean_embedding(backbone, batch))
+        out = self.vae(h)
+        loss = vae_loss(h, out.h_hat, out.mu, out.logvar, self.config.beta)
+        recon, kl = vae_terms(h, out.h_hat.detach(), out.mu.detach(), out.logvar.detach())
+        return LossOutput(loss, {"recon": float(recon), "kl": float(kl)})
+
+    def _warmup_loss(self, backbone: Backbone, batch: Batch, progress: StageProgress) -> LossOutput:
+        """LM loss with D(z) written into each row's prefix slot, z from the prior per (sample, step)."""
+        length = self.config.train_prefix_length
+        z = torch.stack(
+            [
+                self._latents(key, progress.step, self.config.seeds.warmup, "warmup", length)
+                for key in batch.keys
+            ]
+        )
+        prefix = self.vae.decode(self._to_vae(z.flatten(0, 1))).reshape(
+            len(batch.keys), -1, backbone.hidden_size
+        )
+        slots = torch.zeros_like(batch.valid)
+        for row, layout in enumerate(batch.layouts):
+            (slot,) = layout.embeddings
+            slots[row, slot.start : slot.start + slot.vectors.shape[0]] = True
+        embeds = inputs_embeds(backbone, batch)
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), prefix.to(embeds.dtype))
+        hidden = backbone.forward(embeds, batch.position_ids, self.mask(batch, "warmup")).last_hidden_state
+        loss, targets = weighted_next_token_ce(backbone, hidden, batch.labels, batch.loss_weight)
+        return LossOutput(loss, {"target_tokens": float(targets)})
+
+    def _to_vae(self, x: Tensor) -> Tensor:
+        parameter = next(self.vae.parameters())
+        return x.to(device=parameter.device, dtype=parameter.dtype)
+
+    def _latents(self, key: SampleKey, draw: int, seed: int, stream: str, length: int) -> Tensor:
+        """[length, k] standard-normal z: `length` draws, or one repeated (`prefix_sampling`)."""
+        count = 1 if self.config.prefix_sampling == "repeated" else length
+        return draw_normal(key, draw, seed, (count, self.config.latent_size), stream).expand(length, -1)
+
+    # --- inference --------------------------------------------------------------------------------------------
+    def prefix_latents(self, key: SampleKey, draw: int) -> Tensor:
+        """z [L, k] (L = test_prefix_length) of a sample's `draw`-th prompt: from the prior N(0, I), or from the
+        domain Gaussian when steering; a pure function of (key, draw, seeds.prefix, domain)."""
+        eps = self._latents(key, draw, self.config.seeds.prefix, "prefix", self.config.test_prefix_length)
+        return eps if self.domain is None else self.domain.transform(eps)
+
+    def prefix(self, key: SampleKey, draw: int) -> Tensor:
+        """The prompt vectors [L * n, d] of a sample's `draw`-th prompt under `method.prefix` (n: vectors per z):
+        D(z) (latent), D0(z) with the decoder at initialisation (noise_prefix), or N(0, s^2) vectors with s the
+        token embeddings' RMS or `raw_noise_std` (raw_noise)."""
+        config, hidden_size = self.config, self.backbone.hidden_size
+        if config.prefix == "raw_noise":
+            shape = (config.test_prefix_length * config.vectors_per_latent, hidden_size)
+            std = config.raw_noise_std or embedding_rms(self.backbone)
+            return (std * draw_normal(key, draw, config.seeds.prefix, shape, "raw_noise")).to(
+                self.backbone.device
+            )
+        vae = self.vae if config.prefix == "latent" else self.initial_vae
+        with torch.no_grad():
+            vectors = vae.decode(self._to_vae(self.prefix_latents(key, draw)))
+        return vectors.reshape(-1, hidden_size).float().to(self.backbone.device)
+
+    def prompt_embeddings(self, sample: Sample) -> Tensor | None:
+        """The prefix of this sample's next draw: the n-th prompt built for a sample gets draw n, so k prompts
+        of one sample (latent pass@k) carry k different z, the same in every run."""
+        if self.config.prefix == "none":
+            return None
+        draw = self.draws[sample.key]
+        self.draws[sample.key] += 1
+        return self.prefix(sample.key, draw)
+
+    def encode_samples(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
+        """mu [n, k] of each sample's h under the current encoder (CPU, float32)."""
+        pad_id = self.backbone.tokenizer.pad_token_id
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(samples), batch_size):
+                layouts = [content_layout(self.backbone, s) for s in samples[start : start + batch_size]]
+                batch = collate(layouts, pad_id).to(self.backbone.device)
+                mu, _ = self.vae.encode(self._to_vae(mean_embedding(self.backbone, batch)))
+                out.append(mu.float().cpu())
+        return torch.cat(out)
