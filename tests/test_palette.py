@@ -213,12 +213,13 @@ def test_warmup_gradient_reaches_the_model_and_the_decoder_through_the_prefix(ar
 def test_prompt_embeddings_are_deterministic_per_draw_and_differ_across_draws(arith):
     method = palette()
     sample = arith[0]
-    first = [method.prompt_embeddings(sample) for _ in range(3)]
+    first = [method.prompt_embeddings(sample, draw) for draw in range(3)]
+    assert method.prompts_vary and torch.equal(method.prompt_embeddings(sample, 1), first[1])
     assert all(p.shape == (4, 64) for p in first)
     assert not torch.allclose(first[0], first[1]) and not torch.allclose(first[1], first[2])
     assert not torch.allclose(first[0][0], first[0][1])  # independent z_l within one prefix
     fresh = palette()  # same seeds: the same draws in another process or run
-    assert all(torch.equal(a, fresh.prompt_embeddings(sample)) for a in first)
+    assert all(torch.equal(a, fresh.prompt_embeddings(sample, draw)) for draw, a in enumerate(first))
     assert torch.equal(fresh.prefix(sample.key, 1), first[1])
     z = draw_normal(sample.key, 2, 0, (4, 32))
     assert torch.equal(fresh.prefix_latents(sample.key, 2), z)
@@ -259,7 +260,7 @@ def test_raw_noise_matches_the_token_embedding_scale(arith):
     scaled = palette(prefix="raw_noise", raw_noise_std=2.0).prefix(("d", "s0"), 0)
     assert torch.allclose(scaled / 2.0, vectors[0] / embedding_rms(method.backbone), atol=1e-5)
     nothing = palette(prefix="none")
-    assert nothing.prompt_embeddings(arith[0]) is None
+    assert nothing.prompt_embeddings(arith[0]) is None and not nothing.prompts_vary
     assert not nothing.prompt(arith[0]).build("a", "b").embeddings
 
 

@@ -10,7 +10,6 @@ its trajectory replays and recomputes log-probs under that same prefix (`latentk
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -41,7 +40,6 @@ class Palette(Method):
 
     def __init__(self, config: PaletteConfig):
         super().__init__(config)
-        self.draws: Counter[SampleKey] = Counter()  # prompts built per sample: the n-th gets draw n
         self.domain: DomainGaussian | None = None
 
     def setup(self, backbone: Backbone) -> None:
@@ -140,14 +138,14 @@ class Palette(Method):
             vectors = vae.decode(self._to_vae(self.prefix_latents(key, draw)))
         return vectors.reshape(-1, hidden_size).float().to(self.backbone.device)
 
-    def prompt_embeddings(self, sample: Sample) -> Tensor | None:
-        """The prefix of this sample's next draw: the n-th prompt built for a sample gets draw n, so k prompts
-        of one sample (latent pass@k) carry k different z, the same in every run."""
-        if self.config.prefix == "none":
-            return None
-        draw = self.draws[sample.key]
-        self.draws[sample.key] += 1
-        return self.prefix(sample.key, draw)
+    def prompt_embeddings(self, sample: Sample, draw: int = 0) -> Tensor | None:
+        """The prefix of this sample's `draw`-th answer: k answers of one sample (latent pass@k) carry k
+        different z, the same in every run."""
+        return None if self.config.prefix == "none" else self.prefix(sample.key, draw)
+
+    @property
+    def prompts_vary(self) -> bool:
+        return self.config.prefix != "none"
 
     def encode_samples(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
         """mu [n, k] of each sample's h under the current encoder (CPU, float32)."""

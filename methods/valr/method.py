@@ -163,12 +163,15 @@ class Valr(Method):
     # --- losses -----------------------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
         if stage == "sft":
-            return self._with_projectors(sft_loss(self, backbone, batch, stage))
+            return sft_loss(self, backbone, batch, stage)
         return self._align_loss(backbone, batch)
 
+    def stage_freeze(self, stage: str) -> tuple[str, ...]:
+        return ("method",) if stage == "sft" else ()  # the projectors train in align only
+
     def _with_projectors(self, out: LossOutput) -> LossOutput:
-        """The projectors join the graph with zero gradient where nothing is aligned (stage sft, a batch without
-        target images), so every process's backward covers the same parameters."""
+        """The projectors join the graph with zero gradient in a batch without target images, so every process's
+        backward covers the same parameters."""
         untouched = sum((parameter.sum() for parameter in self.modules.parameters()), torch.zeros(()))
         return LossOutput(out.loss + 0.0 * untouched.to(out.loss), out.metrics)
 
