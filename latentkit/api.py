@@ -39,8 +39,19 @@ def resolve_config(
         where = "the config given" + (" + overrides" if overrides else "")
     else:
         raw, where = raw_config(Path(config) if config is not None else None, list(overrides))
-    method = raw.get("run", {}).get("method", "sft")
-    return build_config(get_method(method).Config, raw, where)
+    method = get_method(raw.get("run", {}).get("method", "sft"))
+    return build_config(method.Config, laid_over(method.run_defaults, raw), where)
+
+
+def laid_over(defaults: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`raw` with `defaults` filling what it does not set, section by section (nested mappings merged)."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in raw.items():
+        below = merged.get(key)
+        merged[key] = (
+            laid_over(below, value) if isinstance(below, dict) and isinstance(value, Mapping) else value
+        )
+    return merged
 
 
 def train(

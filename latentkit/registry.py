@@ -77,6 +77,9 @@ class Method(ABC):
     stages: ClassVar[tuple[str, ...]]
     # Stages that are not supervised (today's loop), e.g. {"vlpo": "rl"}; the trainer runs each with its kind's loop.
     stage_kinds: ClassVar[dict[str, StageKind]] = {}
+    # The method's embedded default beyond its `method:` section, laid under every run config that picks it (what a
+    # config file or override sets wins), e.g. {"model": {"preset": "tiny-causal-lm"}, "data": {"task": ...}}.
+    run_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: BaseModel):
         self.config = config

@@ -1,7 +1,7 @@
 """`latentkit train` with Reasoning Palette end to end: configs/palette/tiny.yaml runs stage vae (the language model
 bit-identical to its initial weights, only the VAE trained) then stage warmup (the model trained, the VAE as vae
-left it); the trained run generates with its prefix and fits a domain Gaussian; `--method palette` alone (the
-global default, tiny Qwen2.5-VL on synth-zoom) and the VL config on the tiny preset run both stages."""
+left it); the trained run generates with its prefix and fits a domain Gaussian; `--method palette` alone (its
+embedded default, the tiny text model on synth-arith) and the VL config on the tiny preset run both stages."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.utils import set_seed
 from helpers import latentkit, metrics, train_args
 from latentkit.methods.palette import Palette, PaletteConfig
@@ -75,9 +76,17 @@ def test_the_trained_run_generates_with_its_prefix_and_fits_a_domain(run, tmp_pa
     assert torch.equal(steered.method.domain.mean, gaussian.mean)
 
 
-def test_method_alone_runs_on_the_global_default(tmp_path):
-    latentkit(*train_args(tmp_path, "vl", "--method", "palette", *STEPS))
-    assert [m["stage"] for m in metrics(tmp_path / "vl") if "loss" in m] == ["vae"] * 3 + ["warmup"] * 2
+def test_method_alone_runs_on_its_embedded_default(tmp_path):
+    """`--method palette` lays Palette.run_defaults (configs/palette/tiny.yaml) under the command line."""
+    latentkit(*train_args(tmp_path, "alone", "--method", "palette", "train.stages.warmup.steps=2"))
+    run = tmp_path / "alone"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    shipped = yaml.safe_load(Path("configs/palette/tiny.yaml").read_text())
+    assert saved["model"]["preset"] == shipped["model"]["preset"] == "tiny-causal-lm"
+    assert saved["data"]["task"] == shipped["data"]["task"] == "synth-arith"
+    assert saved["train"]["stages"]["vae"]["steps"] == shipped["train"]["stages"]["vae"]["steps"]
+    assert saved["train"]["stages"]["warmup"]["steps"] == 2  # the command line wins
+    assert [m["stage"] for m in metrics(run) if "loss" in m].count("warmup") == 2
 
 
 def test_vl_config_runs_on_the_tiny_preset(tmp_path):

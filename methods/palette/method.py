@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
 from latentkit.methods.palette.config import PaletteConfig
@@ -37,6 +38,17 @@ class Palette(Method):
     Config = PaletteConfig
     stages = ("vae", "warmup")
     config: PaletteConfig
+    # The embedded default (configs/palette/tiny.yaml): the tiny text model on synth-arith; a short warm-up.
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "model": {"preset": "tiny-causal-lm"},
+        "data": {"task": "synth-arith"},
+        "train": {
+            "stages": {
+                "vae": {"steps": 300, "lr": 1.0e-3},
+                "warmup": {"steps": 10, "lr": 1.0e-3, "warmup_steps": 0, "schedule": "constant"},
+            }
+        },
+    }
 
     def __init__(self, config: PaletteConfig):
         super().__init__(config)
