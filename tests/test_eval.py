@@ -121,12 +121,23 @@ def test_pass_at_k_with_sampling(run, tmp_path):
     summary = json.loads(summary_path(out).read_text())
     assert set(summary["pass_at_k"]) == {"1", "2"}
     assert summary["pass_at_k"]["2"] >= summary["pass_at_k"]["1"]
+    for record in records:
+        extracted = {s["extracted"] for s in record["samples"] if s["extracted"] is not None}
+        openings = {" ".join(s["output"].split()[:12]) for s in record["samples"]}
+        assert (record["distinct_answers"], record["distinct_first_steps"]) == (len(extracted), len(openings))
+    assert summary["diversity"]["distinct_answers"] == pytest.approx(
+        sum(r["distinct_answers"] for r in records) / 3
+    )
     latentkit("compare", str(summary_path(out)), "--out", str(tmp_path / "cmp"))
     assert (tmp_path / "cmp" / "pass_at_k.png").is_file()
     table = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()
     row = next(line for line in table if line.startswith("| sft") and "| T=1.0" in line)
-    shown = [float(cell) for cell in row.strip("| ").split(" | ")[-2:]]
-    assert shown == [round(100 * summary["pass_at_k"][k], 1) for k in ("1", "2")]
+    cells = row.strip("| ").split(" | ")
+    assert [float(cell) for cell in cells[-4:-2]] == [
+        round(100 * summary["pass_at_k"][k], 1) for k in ("1", "2")
+    ]
+    diversity = summary["diversity"]
+    assert cells[-2:] == [f"{diversity['distinct_answers']:.2f}", f"{diversity['distinct_first_steps']:.2f}"]
 
 
 def test_checkpoint_directory_and_bad_inputs(run, tmp_path):
@@ -203,8 +214,8 @@ def test_dataset_aux_images_are_inserted_when_asked(run, monkeypatch):
     built = []
     original_prompt = model.method.prompt
 
-    def recording_prompt(sample):
-        builder = original_prompt(sample)
+    def recording_prompt(sample, draw=0):
+        builder = original_prompt(sample, draw)
         built.append(builder)
         return builder
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from latentkit.errors import DataError
-from latentkit.eval.stats import Interval, mean_interval, wilson_interval
+from latentkit.eval.stats import FIRST_STEP_WORDS, Interval, mean_interval, wilson_interval
 from latentkit.records import write_json
 
 SUMMARY_SUFFIX = ".summary.json"
@@ -49,6 +49,8 @@ class Entry:
     low: float  # 95% Wilson interval of the accuracy over the questions (several answers per question: their
     high: float  # mean correctness counts as the question's, an approximation)
     pass_at_k: tuple[tuple[int, float], ...] = ()  # (k, pass@k) for every k the summary reports
+    distinct_answers: float | None = None  # mean distinct answers among a question's k (k > 1)
+    distinct_first_steps: float | None = None
 
     @property
     def seed_group(self) -> str:
@@ -158,6 +160,8 @@ def load_entry(path: Path) -> Entry:
         low=interval.low,
         high=interval.high,
         pass_at_k=tuple(sorted((int(k), float(v)) for k, v in summary.get("pass_at_k", {}).items())),
+        distinct_answers=summary.get("diversity", {}).get("distinct_answers"),
+        distinct_first_steps=summary.get("diversity", {}).get("distinct_first_steps"),
     )
 
 
@@ -301,13 +305,19 @@ def pass_at_k_table(entries: list[Entry]) -> list[str]:
     lines = [
         "pass@k (%), unbiased estimate from the answers per question (decoding as in each row's summary):",
         "",
-        "| model | benchmark | decoding | " + " | ".join(f"k={k}" for k in ks) + " |",
-        "|---|---|---|" + "---|" * len(ks),
+        "| model | benchmark | decoding | " + " | ".join(f"k={k}" for k in ks) + " | distinct answers | "
+        "distinct first steps |",
+        "|---|---|---|" + "---|" * (len(ks) + 2),
     ]
     for entry in entries:
         values = dict(entry.pass_at_k)
         cells = [f"{100 * values[k]:.1f}" if k in values else "—" for k in ks]
+        cells += [
+            f"{v:.2f}" if v is not None else "—" for v in (entry.distinct_answers, entry.distinct_first_steps)
+        ]
         lines.append(f"| {entry.label} | {entry.benchmark} | {entry.sampling} | " + " | ".join(cells) + " |")
+    note = f"Distinct: mean over questions among its k answers; a first step is an answer's first {FIRST_STEP_WORDS} words."
+    lines += ["", note]
     return lines
 
 

@@ -26,6 +26,7 @@ from latentkit.eval.answer import IMAGE_PLACEHOLDER, Answer, AuxImages, answer_s
 from latentkit.eval.benchmarks import Benchmark, EvalSet, chance_from_choices, get_benchmark
 from latentkit.eval.model import EvalModel
 from latentkit.eval.scorers import Scorer, ScoreResult, get_scorer
+from latentkit.eval.stats import first_step
 from latentkit.records import write_json
 from latentkit.segments import Sample
 
@@ -284,6 +285,8 @@ def score_record(answers: Sequence[Answer], scorer: Scorer, header: dict[str, An
             {"output": a.text, "extracted": s.extracted, "correct": s.correct}
             for a, s in zip(answers, scores)
         ]
+        record["distinct_answers"] = len({s.extracted for s in scores if s.extracted is not None})
+        record["distinct_first_steps"] = len({first_step(a.text) for a in answers})
     return record
 
 
@@ -337,6 +340,7 @@ def summarize(
             "repetition": sum(bool(r.get("repetition")) for r in records),
             "aux_images_used": sum(r["aux_images_used"] for r in records),
         },
+        **({"diversity": diversity(records)} if n > 1 else {}),
         "model": model.describe(),
         "config_fingerprint": header["model_fingerprint"],
         "sampling": header["sampling"],
@@ -345,6 +349,14 @@ def summarize(
         "data": eval_set.source,
         "results": str(results),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def diversity(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean over questions of the distinct extracted answers and the distinct first steps among its answers."""
+    return {
+        key: sum(r[key] for r in records) / len(records)
+        for key in ("distinct_answers", "distinct_first_steps")
     }
 
 

@@ -174,3 +174,11 @@ def _check_paired(baseline: Sequence[bool], condition: Sequence[bool]) -> None:
         raise ValueError(
             f"paired outcomes need the same non-zero number of samples, got {len(baseline)} and {len(condition)}"
         )
+
+
+FIRST_STEP_WORDS = 12  # the opening that counts as an answer's first step (diversity among k answers)
+
+
+def first_step(text: str, words: int = FIRST_STEP_WORDS) -> str:
+    """An answer's opening, as the diversity of k answers compares them: its first `words` words."""
+    return " ".join(text.split()[:words])
