@@ -148,6 +148,11 @@ class Method(ABC):
         same vectors) and says so with `prompts_vary`."""
         return None
 
+    def prompt_info(self, sample: Sample, draw: int = 0) -> dict[str, Any]:
+        """Hook: what a reader should know about the prompt vectors of (sample, draw), shown by `latentkit
+        generate` (e.g. the z a prefix was decoded from); JSON-ready. Default: nothing."""
+        return {}
+
     @property
     def prompts_vary(self) -> bool:
         """Whether `prompt_embeddings` differ between draws, so that k greedy answers to one question differ

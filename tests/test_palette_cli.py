@@ -5,6 +5,7 @@ embedded default, the tiny text model on synth-arith) and the VL config on the t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,56 @@ def test_vl_config_runs_on_the_tiny_preset(tmp_path):
     latentkit(*train_args(tmp_path, "vl3b", *config, *tiny, *STEPS))
     owned = load_file(str(tmp_path / "vl3b" / "final" / "method_modules.safetensors"))
     assert owned["vae.decoder.position"].shape == (8, 64)
+
+
+def test_generate_shows_the_prefix_with_its_z(run):
+    common = [
+        "generate",
+        "--run",
+        str(run),
+        "--benchmark",
+        "synth-arith",
+        "--split",
+        "train",
+        "--index",
+        "0",
+        "--max-new-tokens",
+        "4",
+    ]
+    shown = latentkit(*common).stdout
+    header = next(line for line in shown.splitlines() if line.startswith("⟦prompt vectors × 4⟧"))
+    assert "prefix=latent L=4 draw=0 z=[" in header
+    data = json.loads(latentkit(*common, "--json").stdout)
+    model = lk.load(run)
+    key = ("synth-arith", data["sample_id"])
+    expected = [[round(v, 3) for v in row] for row in model.method.prefix_latents(key, 0).tolist()]
+    assert data["prompt_info"]["z"] == expected and len(data["prompt_vectors"][0]) == 4
+    raw = json.loads(latentkit(*common, "--json", "method.prefix=raw_noise").stdout)
+    assert raw["prompt_info"] == {"prefix": "raw_noise", "L": 4, "draw": 0}
+
+
+def test_eval_conditions_are_named_apart_and_greedy_latent_pass_at_k_runs(run, tmp_path):
+    common = ["eval", "--run", str(run), "--benchmark", "synth-arith", "--split", "train", "--limit", "3", "--max-new-tokens", "8",
+              "--num-samples", "3", "--no-progress"]  # fmt: skip
+    latentkit(*common)  # latent sampling, greedy per z
+    latentkit(*common, "method.prefix=noise_prefix", "method.test_prefix_length=1")
+    token = latentkit(*common, check=False)  # the same again resumes: nothing new
+    assert token.returncode == 0
+    refused = latentkit(*common, "method.prefix=none", check=False)
+    assert refused.returncode == 2 and "needs sampling" in refused.stderr
+    latentkit(*common, "method.prefix=none", "--temperature", "1.0")
+    eval_dir = run / "eval"
+    assert len(list(eval_dir.glob("synth-arith-*.summary.json"))) == 3
+    latent = json.loads((eval_dir / "synth-arith-train-n3-max8.summary.json").read_text())
+    assert latent["sampling"]["temperature"] == 0.0 and set(latent["pass_at_k"]) == {"1", "2", "3"}
+    assert latent["diversity"]["distinct_first_steps"] >= 1
+    noise = json.loads(
+        (
+            eval_dir / "synth-arith-train-prefix=noise_prefix-test_prefix_length=1-n3-max8.summary.json"
+        ).read_text()
+    )
+    assert noise["model"]["method_overrides"] == ["method.prefix=noise_prefix", "method.test_prefix_length=1"]
+    latentkit("compare", str(eval_dir), "--out", str(tmp_path / "cmp"))
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "[prefix=noise_prefix test_prefix_length=1]" in table and "[prefix=none]" in table
+    assert (tmp_path / "cmp" / "pass_at_k.png").is_file()

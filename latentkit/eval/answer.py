@@ -32,6 +32,7 @@ class Answer:
     aux_images_used: int
     extras: dict[str, object]
     trajectories: list[Trajectory] = field(default_factory=list)  # one per generation round, in order
+    prompt_info: dict[str, object] = field(default_factory=dict)  # the method's account of its prompt vectors
 
 
 @dataclass
@@ -86,6 +87,7 @@ def _answer_batch(
     tool_stop = (backbone.chat.vision_start,) if use_tool else ()
     tool_token = backbone.token_id(backbone.chat.vision_start) if use_tool else None
     pending = [_Pending(sample, method.prompt(sample, draw), []) for sample, draw in zip(samples, draws)]
+    infos = [method.prompt_info(sample, draw) for sample, draw in zip(samples, draws)]
     answers: list[Answer | None] = [None] * len(samples)
     active = list(range(len(samples)))
     round_index = 0
@@ -124,6 +126,7 @@ def _answer_batch(
                     item.aux_used,
                     _merged_extras(item.rounds),
                     item.rounds,
+                    infos[row],
                 )
         active = still_active
         round_index += 1

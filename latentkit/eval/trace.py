@@ -47,12 +47,28 @@ def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> l
         while end in trajectory.vectors and trajectory.kinds[end] == kind:
             end += 1
         vectors = torch.stack([trajectory.vectors[i] for i in range(index, end)])
-        nearest = nearest_tokens(backbone, vectors, top)
-        rows = [{"norm": float(v.float().norm()), "nearest": n} for v, n in zip(vectors, nearest)]
-        pieces.append({"continuous": kind_name(kind), "vectors": rows})
+        pieces.append({"continuous": kind_name(kind), "vectors": _vector_rows(backbone, vectors, top)})
         index = end
     flush()
     return pieces
+
+
+def _vector_rows(backbone: Backbone, vectors: torch.Tensor, top: int) -> list[dict[str, Any]]:
+    nearest = nearest_tokens(backbone, vectors, top)
+    return [{"norm": float(v.float().norm()), "nearest": n} for v, n in zip(vectors, nearest)]
+
+
+def _info_text(info: dict[str, Any]) -> str:
+    """`key=value` pairs; long lists (a z) shortened to their first values and length."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, list) and len(value) > 4:
+            return "[" + ", ".join(shown(v) for v in value[:4]) + f", … ({len(value)})]"
+        if isinstance(value, list):
+            return "[" + ", ".join(shown(v) for v in value) + "]"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    return " ".join(f"{key}={shown(value)}" for key, value in info.items())
 
 
 def render_answer(
@@ -61,6 +77,11 @@ def render_answer(
     """The whole trace as text lines."""
     mark = (lambda text: f"\033[36m{text}\033[0m") if color else (lambda text: text)
     lines: list[str] = []
+    for slot in answer.trajectories[0].prompt.embeddings if answer.trajectories else []:
+        lines.append(mark(f"⟦prompt vectors × {slot.vectors.shape[0]}⟧ " + _info_text(answer.prompt_info)))
+        for step, row in enumerate(_vector_rows(backbone, slot.vectors, top), start=1):
+            nearest = " ".join(repr(token) for token in row["nearest"])
+            lines.append(mark(f"    {step:>3}  norm {row['norm']:8.3f}   nearest {nearest}"))
     for round_index, trajectory in enumerate(answer.trajectories):
         if round_index:
             lines.append(mark("[auxiliary image inserted]"))
@@ -107,6 +128,11 @@ def answer_json(
         "extracted": score.extracted if score else None,
         "gold": answer.sample.answer,
         "correct": score.correct if score else None,
+        "prompt_info": answer.prompt_info,
+        "prompt_vectors": [
+            _vector_rows(backbone, slot.vectors, top)
+            for slot in (answer.trajectories[0].prompt.embeddings if answer.trajectories else [])
+        ],
         "pieces": [trajectory_pieces(backbone, t, top) for t in answer.trajectories],
         "trajectories": [t.to_json() for t in answer.trajectories],
     }

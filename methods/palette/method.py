@@ -159,6 +159,18 @@ class Palette(Method):
     def prompts_vary(self) -> bool:
         return self.config.prefix != "none"
 
+    def prompt_info(self, sample: Sample, draw: int = 0) -> dict[str, Any]:
+        """The prefix as `latentkit generate` shows it: mode, L (draws of z), draw index, and the z behind it."""
+        config = self.config
+        if config.prefix == "none":
+            return {"prefix": "none"}
+        info: dict[str, Any] = {"prefix": config.prefix, "L": config.test_prefix_length, "draw": draw}
+        if config.prefix != "raw_noise":
+            info["z"] = [[round(v, 3) for v in row] for row in self.prefix_latents(sample.key, draw).tolist()]
+        if config.domain is not None:
+            info["domain"] = str(config.domain)
+        return info
+
     def encode_samples(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
         """mu [n, k] of each sample's h under the current encoder (CPU, float32)."""
         pad_id = self.backbone.tokenizer.pad_token_id
