@@ -52,6 +52,9 @@ class PaletteConfig(StrictModel):
     # instead of the prior. None: the prior N(0, I).
     domain: Path | None = None
     domain_covariance: Literal["full", "diagonal"] = "diagonal"  # what `fit_domain` fits (ours)
+    # What makes a domain when the run fits them (at the start of stage warmup, one Gaussian per value, into
+    # stages/vae/domains/<value>.safetensors): `dataset` (the sub-dataset) or `metadata.<field>`; None: none.
+    domain_by: str | None = "dataset"
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")
     seeds: PaletteSeeds = PaletteSeeds()
 
@@ -67,6 +70,10 @@ class PaletteConfig(StrictModel):
                 raise ValueError(
                     f"decoder_width={self.decoder_width} is not a multiple of decoder_heads={self.decoder_heads}"
                 )
+        if self.domain_by not in (None, "dataset") and not (
+            self.domain_by.startswith("metadata.") and len(self.domain_by) > len("metadata.")
+        ):
+            raise ValueError(f"domain_by={self.domain_by!r} must be dataset, metadata.<field> or null")
         if self.domain is not None and self.prefix != "latent":
             raise ValueError(
                 f"domain steering draws the z of a latent prefix; prefix={self.prefix!r} has none"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,28 @@ def fit_domain(
     gaussian = fit_gaussian(method.encode_samples(samples, batch_size), method.config.domain_covariance)
     gaussian.save(path)
     return gaussian
+
+
+def domain_of(sample: Sample, domain_by: str) -> str | None:
+    """The sample's domain under `domain_by` (`dataset` or `metadata.<field>`); None when the field is missing."""
+    if domain_by == "dataset":
+        return sample.dataset
+    value = sample.metadata.get(domain_by.removeprefix("metadata."))
+    return None if value is None else str(value)
+
+
+def fit_domains(method: Palette, samples: Sequence[Sample], folder: Path, domain_by: str) -> dict[str, int]:
+    """One Gaussian per domain with at least 2 samples, saved as `folder/<domain>.safetensors`; the sample
+    count per domain fitted."""
+    grouped: dict[str, list[Sample]] = {}
+    for sample in samples:
+        name = domain_of(sample, domain_by)
+        if name is not None:
+            grouped.setdefault(name, []).append(sample)
+    fitted = {}
+    for name, members in sorted(grouped.items()):
+        if len(members) >= 2:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            fit_domain(method, members, folder / f"{safe}.safetensors")
+            fitted[safe] = len(members)
+    return fitted

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from latentkit.methods.palette.config import PaletteConfig
-from latentkit.methods.palette.domain import DomainGaussian, draw_normal
+from latentkit.methods.palette.domain import DomainGaussian, draw_normal, fit_domains
 from latentkit.methods.palette.layout import content_layout, prefixed_layout
 from latentkit.methods.palette.losses import vae_loss, vae_terms
 from latentkit.methods.palette.vae import PaletteVAE, build_vae, mean_embedding
@@ -25,8 +25,10 @@ from torch import Tensor
 from latentkit.backbone import Backbone
 from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress
 from latentkit.segments import Sample, SampleKey
+
+DOMAINS = "domains"  # stages/vae/domains/<domain>.safetensors
 
 
 def embedding_rms(backbone: Backbone) -> float:
@@ -69,6 +71,20 @@ class Palette(Method):
     def initial_vae(self) -> PaletteVAE:
         """The VAE at initialisation (re-created from `seeds.init`): `noise_prefix`'s untrained decoder."""
         return build_vae(self.config, self.backbone.hidden_size).to(self.backbone.device).eval()
+
+    def prepare_stage(self, stage: str, context: StageContext) -> None:
+        """At the start of warmup the VAE is final (warmup keeps it frozen): fit the domain Gaussians."""
+        if stage != "warmup" or self.config.domain_by is None:
+            return
+        folder = context.run_dir / "stages" / "vae" / DOMAINS
+        if context.is_main_process:
+            fitted = fit_domains(self, context.samples, folder, self.config.domain_by)
+            context.log({"event": "domains_fitted", "by": self.config.domain_by, "domains": fitted})
+            print(
+                f"palette: {len(fitted)} domain Gaussians by {self.config.domain_by} in {folder} "
+                f"({', '.join(f'{name}: {count}' for name, count in fitted.items())}); steer with method.domain=<file>"
+            )
+        context.barrier()
 
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
         # vae: h is the frozen model's embeddings; every other stage (RL ones included) keeps the VAE fixed.
