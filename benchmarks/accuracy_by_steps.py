@@ -37,6 +37,14 @@ def by_steps(results: Path, counts: dict[str, int]) -> dict[int, list[bool]]:
     return grouped
 
 
+def split_label(item: str) -> tuple[str, Path]:
+    """`label=path`, at the `=` after which an existing file follows (labels and file names may hold `=`)."""
+    for index, char in enumerate(item):
+        if char == "=" and Path(item[index + 1 :]).is_file():
+            return item[:index], Path(item[index + 1 :])
+    raise SystemExit(f"{item!r} is not label=path of an existing results file")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -49,8 +57,8 @@ def main() -> None:
     counts = step_counts(args.data, args.field)
     curves = {}
     for item in args.results:
-        label, _, path = item.partition("=")
-        curves[label] = by_steps(Path(path), counts)
+        label, path = split_label(item)
+        curves[label] = by_steps(path, counts)
     steps = sorted({n for curve in curves.values() for n in curve})
     print("| steps | n | " + " | ".join(curves) + " |")
     print("|---|---|" + "---|" * len(curves))
