@@ -42,6 +42,7 @@ def load_training_records(
         "limit": data.limit,
         "allow_outside_paths": data.allow_outside_paths,
     }
+    folder_options = {**options, "split": data.split}
     if data.path is None:
         root = embedded_data_dir(run_dir, data)
         on_main_first(lambda: prepare_embedded_data(run_dir, data))
@@ -49,4 +50,4 @@ def load_training_records(
     path = Path(data.path)
     if path.is_dir() and any((path / f"{data.split}{suffix}").is_file() for suffix in RECORD_SUFFIXES):
         return load_split(path, data.split, **options)
-    return load_records(path, **options)
+    return load_records(path, **folder_options)

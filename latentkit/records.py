@@ -27,6 +27,9 @@ DEFAULT_OBSERVATION_TAGS = ("<observation>", "</observation>")
 RECORD_SUFFIXES = (".json", ".jsonl")
 # JSON files that may sit beside record files in a dataset folder but hold no records.
 NON_RECORD_FILES = frozenset({"synth_info.json", "dataset_info.json", "dataset_dict.json"})
+SPLIT_NAMES = frozenset(
+    {"train", "val", "validation", "dev", "test"}
+)  # in a folder, only the asked split is read
 TURN_ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 SKIP_HINT = "set data.on_bad_record=skip to skip bad records"
 OnBadRecord = Literal["error", "skip"]
@@ -68,8 +71,11 @@ def load_records(
     require_observation_after_aux: bool = True,
     limit: int | None = None,
     allow_outside_paths: bool = False,
+    split: str = "train",
 ) -> LoadedRecords:
     """Load records from a `.json` array, a `.jsonl` file, or a folder of them (and its immediate sub-folders).
+    In a folder, a file named after a split (`train`, `val`, `test`, ...) is read only when it is `split`'s, so
+    sub-datasets that ship their own splits never mix them.
 
     Image paths are resolved against the folder holding each record file (then against `path` itself, for
     datasets whose paths are relative to the dataset root); each must stay inside the dataset root (the folder,
@@ -89,7 +95,7 @@ def load_records(
     rules = _RecordRules(
         latent_marker, *observation_tags, require_observation_after_aux, root, allow_outside_paths
     )
-    record_files = _record_files(path)
+    record_files = _record_files(path, split)
     loaded = LoadedRecords(samples=[])
     if limit == 0:
         return loaded
@@ -155,7 +161,7 @@ def _missing_path_message(path: Path) -> str:
     )
 
 
-def _record_files(path: Path) -> list[Path]:
+def _record_files(path: Path, split: str) -> list[Path]:
     if not path.exists():
         raise DataError(_missing_path_message(path))
     if path.is_file():
@@ -167,7 +173,10 @@ def _record_files(path: Path) -> list[Path]:
         f
         for folder in folders
         for f in sorted(folder.iterdir())
-        if f.is_file() and f.suffix in RECORD_SUFFIXES and f.name not in NON_RECORD_FILES
+        if f.is_file()
+        and f.suffix in RECORD_SUFFIXES
+        and f.name not in NON_RECORD_FILES
+        and (f.stem not in SPLIT_NAMES or f.stem == split)
     ]
     if not files:
         raise DataError(

@@ -230,3 +230,15 @@ def test_missing_path_says_how_to_fix(tmp_path: Path) -> None:
     assert "data.path=" in str(err.value) and "latentkit data synth" in str(err.value)
     with pytest.raises(DataError, match="data.path="):
         load_split(missing, "train")
+
+
+def test_sub_datasets_with_their_own_splits_never_mix_them(tmp_path):
+    """A folder of sub-datasets that each ship train/val/test: training reads each one's train file only."""
+    from latentkit.synth.arith import generate_synth_arith
+
+    for name, seed in (("a", 1), ("b", 2)):
+        generate_synth_arith(tmp_path / name, n_train=3, n_val=2, n_test=4, seed=seed)
+    train = load_records(tmp_path)
+    assert len(train.samples) == 6 and all("-train-" in s.sample_id for s in train.samples)
+    test = load_records(tmp_path, split="test")
+    assert len(test.samples) == 8 and all("-test-" in s.sample_id for s in test.samples)
