@@ -26,7 +26,7 @@ from latentkit.decoding import SamplingParams, decode, token_log_probs
 from latentkit.errors import ConfigError
 from latentkit.layout import collate
 from latentkit.records import load_split
-from latentkit.registry import StageProgress, get_method
+from latentkit.registry import StageContext, StageProgress, get_method
 from latentkit.synth.arith import generate_synth_arith
 from latentkit.synth.zoom import generate_synth_zoom
 
@@ -145,6 +145,38 @@ def test_h_is_the_mean_embedding_of_the_question_and_answer_text_only(arith, zoo
     assert any(s.kind == "observation" for s in sample.segments)
     ids = [i for text in texts for i in vl.backbone.encode_text(text)]
     assert content_layout(vl.backbone, sample).input_ids.tolist() == ids
+
+
+def test_standardized_input_statistics_loss_and_decoding(arith, tmp_path):
+    method = palette()
+    events = []
+    context = StageContext(
+        tmp_path, tmp_path / "vae", arith, 0, 1, lambda: None, events.append, lambda s: None, False
+    )
+    method.prepare_stage("vae", context)
+    # The corpus statistics by hand: each sample's mean embedding over its content tokens.
+    table = method.backbone.model.get_input_embeddings().weight.detach().double()
+    h = torch.stack([table[content_layout(method.backbone, s).input_ids].mean(0) for s in arith])
+    assert torch.allclose(method.vae.input_mean.double(), h.mean(0), atol=1e-6)
+    assert torch.allclose(method.vae.input_scale.double(), h.std(0), atol=1e-6)
+    assert events[0]["event"] == "vae_input_statistics" and events[0]["samples"] == 6
+    standardized = (h - h.mean(0)) / h.std(0)
+    torch.manual_seed(1)
+    batch = collate([method.layout(s, "vae") for s in arith], method.backbone.tokenizer.pad_token_id)
+    out = method.loss(method.backbone, batch, "vae", StageProgress(0, 1))
+    torch.manual_seed(1)
+    mu, logvar = method.vae.encoder(standardized.float()).chunk(2, dim=-1)
+    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+    expected = vae_loss(standardized.float(), method.vae.decoder(z).mean(-2), mu, logvar, 1e-3)
+    assert float(out.loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-4)
+    z = torch.randn(2, 32)
+    prefix = method.vae.decode(z)
+    assert torch.allclose(prefix, method.vae.input_mean + method.vae.input_scale * method.vae.decoder(z))
+    raw = palette(standardize_input=False)
+    raw.prepare_stage("vae", context)
+    assert torch.equal(raw.vae.input_mean, torch.zeros(64)) and torch.equal(
+        raw.vae.input_scale, torch.ones(64)
+    )
 
 
 def test_stage_freeze_keeps_the_model_in_vae_and_the_vae_elsewhere():

@@ -25,6 +25,10 @@ class PaletteConfig(StrictModel):
     # The KL weight (ours): the squared error is summed over d and mean embeddings vary little between samples, so
     # a beta near 1 collapses q(z|h) onto the prior.
     beta: float = Field(1e-3, ge=0.0)
+    # Ours: fit h standardized per dimension by the training corpus's mean and spread, so the squared error is of
+    # order d, not of the embeddings' tiny between-sample differences; the decoder's output is mapped back. Off
+    # (the paper's literal loss on raw h) the tiny default's encoder learned a mu that hardly moves with the input.
+    standardize_input: bool = True
     # Hidden layer widths of the encoder and decoder MLPs, SiLU between layers (ours); None: two layers of the
     # model's hidden size.
     encoder_widths: list[PositiveInt] | None = None

@@ -69,11 +69,22 @@ class Palette(Method):
 
     @cached_property
     def initial_vae(self) -> PaletteVAE:
-        """The VAE at initialisation (re-created from `seeds.init`): `noise_prefix`'s untrained decoder."""
-        return build_vae(self.config, self.backbone.hidden_size).to(self.backbone.device).eval()
+        """The VAE at initialisation (re-created from `seeds.init`): `noise_prefix`'s untrained decoder, its output
+        mapped to the embedding space by the trained VAE's input statistics."""
+        initial = build_vae(self.config, self.backbone.hidden_size).to(self.backbone.device).eval()
+        initial.set_input_statistics(self.vae.input_mean, self.vae.input_scale)
+        return initial
 
     def prepare_stage(self, stage: str, context: StageContext) -> None:
-        """At the start of warmup the VAE is final (warmup keeps it frozen): fit the domain Gaussians."""
+        """Stage vae: h's corpus statistics (`standardize_input`). Warmup: the VAE is final (warmup keeps it
+        frozen), so fit the domain Gaussians."""
+        if stage == "vae" and self.config.standardize_input:
+            h = self.mean_embeddings(context.samples).double()
+            mean, scale = h.mean(0), h.std(0).clamp_min(1e-6)
+            self.vae.set_input_statistics(self._to_vae(mean), self._to_vae(scale))
+            context.log(
+                {"event": "vae_input_statistics", "samples": len(h), "mean_scale": float(scale.mean())}
+            )
         if stage != "warmup" or self.config.domain_by is None:
             return
         folder = context.run_dir / "stages" / "vae" / DOMAINS
@@ -106,10 +117,9 @@ class Palette(Method):
         return self._warmup_loss(backbone, batch, progress)
 
     def _vae_loss(self, backbone: Backbone, batch: Batch) -> LossOutput:
-        h = self._to_vae(mean_embedding(backbone, batch))
-        out = self.vae(h)
-        loss = vae_loss(h, out.h_hat, out.mu, out.logvar, self.config.beta)
-        recon, kl = vae_terms(h, out.h_hat.detach(), out.mu.detach(), out.logvar.detach())
+        out = self.vae(self._to_vae(mean_embedding(backbone, batch)))
+        loss = vae_loss(out.h, out.h_hat, out.mu, out.logvar, self.config.beta)
+        recon, kl = vae_terms(out.h, out.h_hat.detach(), out.mu.detach(), out.logvar.detach())
         return LossOutput(loss, {"recon": float(recon), "kl": float(kl)})
 
     def _warmup_loss(self, backbone: Backbone, batch: Batch, progress: StageProgress) -> LossOutput:
@@ -187,14 +197,18 @@ class Palette(Method):
             info["domain"] = str(config.domain)
         return info
 
-    def encode_samples(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
-        """mu [n, k] of each sample's h under the current encoder (CPU, float32)."""
+    def mean_embeddings(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
+        """h [n, d] of each sample (CPU, float32)."""
         pad_id = self.backbone.tokenizer.pad_token_id
         out = []
-        with torch.no_grad():
-            for start in range(0, len(samples), batch_size):
-                layouts = [content_layout(self.backbone, s) for s in samples[start : start + batch_size]]
-                batch = collate(layouts, pad_id).to(self.backbone.device)
-                mu, _ = self.vae.encode(self._to_vae(mean_embedding(self.backbone, batch)))
-                out.append(mu.float().cpu())
+        for start in range(0, len(samples), batch_size):
+            layouts = [content_layout(self.backbone, s) for s in samples[start : start + batch_size]]
+            batch = collate(layouts, pad_id).to(self.backbone.device)
+            out.append(mean_embedding(self.backbone, batch).float().cpu())
         return torch.cat(out)
+
+    def encode_samples(self, samples: Sequence[Sample], batch_size: int = 16) -> Tensor:
+        """mu [n, k] of each sample's h under the current encoder (CPU, float32)."""
+        with torch.no_grad():
+            mu, _ = self.vae.encode(self._to_vae(self.mean_embeddings(samples, batch_size)))
+        return mu.float().cpu()

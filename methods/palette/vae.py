@@ -1,5 +1,7 @@
 """The VAE of reasoning strategies: h -> encoder MLP -> (mu, logvar) in R^k; z = mu + exp(logvar / 2) * eps;
-decoder -> the prefix embeddings of z, whose mean is the reconstruction h_hat in R^d (with the MLP decoder, its one
+decoder -> the prefix embeddings of z, whose mean is the reconstruction h_hat in R^d. With `standardize_input`
+(ours) the VAE fits h standardized per dimension by the training corpus's mean and spread (buffers saved with it),
+and the prefix embeddings are mapped back to the embedding space (with the MLP decoder, its one
 embedding; with the transformer decoder, the mean of its prefix_tokens embeddings: ours, the paper does not say).
 
 The input h (`mean_embedding`) is the mean of the frozen model's raw input-token embeddings over the content
@@ -67,7 +69,8 @@ class MlpPrefix(nn.Module):
 
 @dataclass
 class VaeOutput:
-    h_hat: Tensor  # [B, d]
+    h: Tensor  # [B, d]: the input as the VAE fits it (standardized when the config asks)
+    h_hat: Tensor  # [B, d]: its reconstruction, in the same space
     mu: Tensor  # [B, k]
     logvar: Tensor  # [B, k]
 
@@ -90,21 +93,32 @@ class PaletteVAE(nn.Module):
             )
         else:
             self.decoder = MlpPrefix(k, config.decoder_widths or [hidden_size, hidden_size], hidden_size)
+        # h's per-dimension mean and spread over the training corpus (`standardize_input`; identity until set).
+        self.register_buffer("input_mean", torch.zeros(hidden_size))
+        self.register_buffer("input_scale", torch.ones(hidden_size))
+
+    def set_input_statistics(self, mean: Tensor, scale: Tensor) -> None:
+        self.input_mean.copy_(mean)
+        self.input_scale.copy_(scale)
+
+    def standardize(self, h: Tensor) -> Tensor:
+        return (h - self.input_mean) / self.input_scale
 
     def encode(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(mu, logvar), each [B, k]."""
-        mu, logvar = self.encoder(h).chunk(2, dim=-1)
+        """(mu, logvar), each [B, k], of raw mean embeddings h [B, d]."""
+        mu, logvar = self.encoder(self.standardize(h)).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: Tensor) -> Tensor:
-        """[B, k] -> [B, n, d]: the prefix embeddings of each z."""
-        return self.decoder(z)
+        """[B, k] -> [B, n, d]: the prefix embeddings of each z, in the model's embedding space."""
+        return self.input_mean + self.input_scale * self.decoder(z)
 
     def forward(self, h: Tensor) -> VaeOutput:
-        """Encode, reparameterise (eps from the global RNG, whose state checkpoints keep) and reconstruct."""
+        """Encode, reparameterise (eps from the global RNG, whose state checkpoints keep) and reconstruct, in the
+        space the VAE fits (standardized h when the statistics are set)."""
         mu, logvar = self.encode(h)
         z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-        return VaeOutput(self.decode(z).mean(-2), mu, logvar)
+        return VaeOutput(self.standardize(h), self.decoder(z).mean(-2), mu, logvar)
 
 
 def build_vae(config: PaletteConfig, hidden_size: int) -> PaletteVAE:
