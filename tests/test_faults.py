@@ -261,9 +261,14 @@ def test_eval_and_diagnose_outputs_are_named_by_checkpoint_and_settings(tmp_path
     from latentkit.eval.runner import EvalOptions, default_output
 
     run = tmp_path / "run"
-    final = SimpleNamespace(run_dir=run, model_dir=run / "final", fingerprint="0123456789abcdef")
+    final = SimpleNamespace(
+        run_dir=run, model_dir=run / "final", fingerprint="0123456789abcdef", method_overrides=()
+    )
     stage = SimpleNamespace(
-        run_dir=run, model_dir=run / "stages" / "sft" / "final", fingerprint="fedcba9876543210"
+        run_dir=run,
+        model_dir=run / "stages" / "sft" / "final",
+        fingerprint="fedcba9876543210",
+        method_overrides=(),
     )
     greedy = EvalOptions("synth-zoom", sampling=SamplingParams(max_new_tokens=96))
     sampled = EvalOptions("synth-zoom", sampling=SamplingParams(temperature=0.7, top_p=0.95), num_samples=4)
