@@ -179,6 +179,24 @@ def test_standardized_input_statistics_loss_and_decoding(arith, tmp_path):
     )
 
 
+def test_posterior_warmup_draws_z_from_the_samples_own_posterior(arith, tmp_path):
+    method = palette(warmup_latents="posterior")
+    context = StageContext(
+        tmp_path, tmp_path / "w", arith, 0, 1, lambda: None, lambda e: None, lambda s: None, False
+    )
+    method.prepare_stage("vae", context)
+    method.prepare_stage("warmup", context)
+    seen = []
+    decode = method.vae.decode
+    method.vae.decode = lambda z: seen.append(z) or decode(z)
+    batch = collate([method.layout(s, "warmup") for s in arith[:2]], method.backbone.tokenizer.pad_token_id)
+    method.loss(method.backbone, batch, "warmup", StageProgress(3, 10))
+    with torch.no_grad():
+        mu, logvar = method.vae.encode(method.mean_embeddings(arith[:2]))
+    eps = torch.cat([draw_normal(s.key, 3, 0, (1, 32), "warmup") for s in arith[:2]])
+    assert torch.allclose(seen[0], mu + (0.5 * logvar).exp() * eps, atol=1e-5)
+
+
 def test_stage_freeze_keeps_the_model_in_vae_and_the_vae_elsewhere():
     method = palette("tiny-qwen2.5-vl")
     assert set(method.stage_freeze("vae")) == {"vision", "embeddings", "language_model", "lm_head"}

@@ -43,6 +43,9 @@ class PaletteConfig(StrictModel):
     # L, in draws of z (each decodes to 1 vector, or prefix_tokens with the transformer): 1 in warm-up SFT,
     # 4 or 8 at inference and in RL (the paper).
     train_prefix_length: int = Field(1, gt=0)
+    # Where the warm-up's z comes from: the prior (the paper), or q(z | h) of the sample being trained on (ours), so
+    # that the model learns to read its answer's strategy from the prefix; steering needs a model that does.
+    warmup_latents: Literal["prior", "posterior"] = "prior"
     test_prefix_length: int = Field(4, gt=0)
     prefix_sampling: Literal["independent", "repeated"] = (
         "independent"  # each z_l its own draw, or one z L times

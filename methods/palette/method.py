@@ -23,6 +23,7 @@ from latentkit.methods.palette.vae import PaletteVAE, build_vae, mean_embedding
 from torch import Tensor
 
 from latentkit.backbone import Backbone
+from latentkit.errors import ConfigError
 from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress
@@ -55,6 +56,7 @@ class Palette(Method):
     def __init__(self, config: PaletteConfig):
         super().__init__(config)
         self.domain: DomainGaussian | None = None
+        self.posteriors: dict[SampleKey, tuple[Tensor, Tensor]] = {}  # warmup_latents=posterior: (mu, logvar)
 
     def setup(self, backbone: Backbone) -> None:
         super().setup(backbone)
@@ -85,6 +87,12 @@ class Palette(Method):
             context.log(
                 {"event": "vae_input_statistics", "samples": len(h), "mean_scale": float(scale.mean())}
             )
+        if stage == "warmup" and self.config.warmup_latents == "posterior":
+            with torch.no_grad():
+                mu, logvar = self.vae.encode(self._to_vae(self.mean_embeddings(context.samples)))
+            self.posteriors = {
+                s.key: (m.float().cpu(), v.float().cpu()) for s, m, v in zip(context.samples, mu, logvar)
+            }
         if stage != "warmup" or self.config.domain_by is None:
             return
         folder = context.run_dir / "stages" / "vae" / DOMAINS
@@ -123,14 +131,16 @@ class Palette(Method):
         return LossOutput(loss, {"recon": float(recon), "kl": float(kl)})
 
     def _warmup_loss(self, backbone: Backbone, batch: Batch, progress: StageProgress) -> LossOutput:
-        """LM loss with D(z) written into each row's prefix slot, z from the prior per (sample, step)."""
+        """LM loss with D(z) written into each row's prefix slot, z drawn per (sample, step) from the prior, or
+        with `warmup_latents=posterior` from q(z | h) of the sample itself."""
         length = self.config.train_prefix_length
-        z = torch.stack(
-            [
-                self._latents(key, progress.step, self.config.seeds.warmup, "warmup", length)
-                for key in batch.keys
-            ]
-        )
+        eps = [
+            self._latents(key, progress.step, self.config.seeds.warmup, "warmup", length)
+            for key in batch.keys
+        ]
+        if self.config.warmup_latents == "posterior":
+            eps = [self._posterior(key, e) for key, e in zip(batch.keys, eps)]
+        z = torch.stack(eps)
         prefix = self.vae.decode(self._to_vae(z.flatten(0, 1))).reshape(
             len(batch.keys), -1, backbone.hidden_size
         )
@@ -143,6 +153,14 @@ class Palette(Method):
         hidden = backbone.forward(embeds, batch.position_ids, self.mask(batch, "warmup")).last_hidden_state
         loss, targets = weighted_next_token_ce(backbone, hidden, batch.labels, batch.loss_weight)
         return LossOutput(loss, {"target_tokens": float(targets)})
+
+    def _posterior(self, key: SampleKey, eps: Tensor) -> Tensor:
+        if key not in self.posteriors:
+            raise ConfigError(
+                f"palette: sample {key} has no posterior; prepare_stage('warmup') encodes them first"
+            )
+        mu, logvar = self.posteriors[key]
+        return mu + (0.5 * logvar).exp() * eps
 
     def _to_vae(self, x: Tensor) -> Tensor:
         parameter = next(self.vae.parameters())
