@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -33,6 +34,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument(
+        "--data", type=Path, help="a folder with test.json (default: the run's embedded data)"
+    )
     parser.add_argument("--questions", type=int, default=16)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
@@ -47,11 +51,15 @@ def main() -> None:
     from latentkit.eval.answer import answer_samples
     from latentkit.records import load_split
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    )
     print(f"# latent vs token pass@k sampling, {datetime.date.today()}, {device}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {args.questions} questions x k={args.k}, "
           f"max {args.max_new_tokens} new tokens, median of {args.repeats}")  # fmt: skip
-    data = next(path for path in (args.run / "data").iterdir() if (path / "test.json").is_file())
+    data = args.data or next(path for path in (args.run / "data").iterdir() if (path / "test.json").is_file())
     samples = load_split(data, "test").samples[: args.questions]
     repeated = [sample for sample in samples for _ in range(args.k)]
     draws = [draw for _ in samples for draw in range(args.k)]

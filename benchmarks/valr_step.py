@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -63,7 +64,7 @@ def main() -> None:
     device = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or 'cpu'})"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     )
     print(f"# VaLR step time, {datetime.date.today()}, {device}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, encoders {', '.join(encoders)}, {args.steps} steps per stage, "
