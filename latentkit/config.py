@@ -98,6 +98,34 @@ MixedPrecision = Annotated[
 ]
 
 
+class RewardSpec(StrictModel):
+    """One reward function of an RL stage: a built-in name (`latentkit.rl.rewards`) or the dotted path of any
+    function with TRL's signature (`package.module:function`), its weight in the sum, and keyword arguments."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = {}
+
+
+class RLSection(StrictModel):
+    """`train.rl`: the settings of RL stages (names follow TRL's GRPOConfig where the meaning is the same)."""
+
+    num_generations: int = Field(8, ge=1)  # G: rollouts per prompt (a group)
+    num_iterations: int = Field(1, ge=1)  # mu: PPO-style updates per rollout batch
+    estimator: Literal["grpo", "rloo", "dr_grpo"] = "grpo"  # group advantages
+    epsilon: float = Field(0.2, ge=0.0)  # clip low
+    epsilon_high: float = Field(0.3, ge=0.0)  # clip high
+    dual_clip: float | None = Field(3.0, gt=1.0)  # cap of the loss where the advantage is negative; None: off
+    beta: float = Field(0.01, ge=0.0)  # KL coefficient (k3, to the frozen reference); 0: no reference
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_completion_length: int = Field(96, gt=0)
+    rewards: list[RewardSpec] = [RewardSpec(name="accuracy")]
+    # The scorer behind the accuracy reward; None: each synthetic task's own (other data must name one).
+    scorer: str | None = None
+
+
 class StageOverrides(StrictModel):
     """`train.stages.<stage>`: the `train` keys one stage may set for itself; an unset key keeps the global value."""
 
@@ -138,6 +166,7 @@ class TrainSection(StrictModel):
     eval_every: int | None = Field(None, gt=0)
     eval: EvalSection = EvalSection()
     stages: dict[str, StageOverrides] = {}  # per-stage overrides of the keys above
+    rl: RLSection = RLSection()  # RL stages only; `batch_size` is then prompts per process per step
 
 
 def effective_train(train: TrainSection, stage: str) -> TrainSection:

@@ -72,10 +72,16 @@ class TrainModule(nn.Module):
         self._method = method
         self._mixed_precision = mixed_precision or {}
 
-    def forward(self, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+    def forward(
+        self, batch: Batch | Callable[[Backbone], LossOutput], stage: str, progress: StageProgress
+    ) -> LossOutput:
+        """The method's loss on `batch`, or a loss closure (an RL stage's) run here so DDP/FSDP see it."""
         precision = self._mixed_precision.get(stage)
+        device = self._backbone.device.type
         # accelerate fixes one precision when the Accelerator is built; this inner autocast overrides it per stage.
-        with nullcontext() if precision is None else stage_autocast(precision, batch.input_ids.device.type):
+        with nullcontext() if precision is None else stage_autocast(precision, device):
+            if callable(batch):
+                return batch(self._backbone)
             return self._method.loss(self._backbone, batch, stage, progress)
 
 
@@ -343,16 +349,37 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     return directory
 
 
-def _run_stage(
-    run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
-) -> None:
-    """A supervised stage: the method's layouts and loss over the training samples."""
-    config, train_cfg = run.config, effective_train(run.config.train, stage)
+@dataclass
+class StageStart:
+    """A stage ready for its first step: its settings, folder, optimizer, scheduler and the step it starts at."""
+
+    train: TrainSection
+    directory: Path
+    optimizer: Any
+    scheduler: Any
+    step: int
+
+
+def start_stage(
+    run: Run,
+    accelerator: Any,
+    module: nn.Module,
+    samples: list[Sample],
+    stage: str,
+    stage_index: int,
+    before_resume: Callable[[], None] | None = None,
+) -> StageStart | None:
+    """Initial weights, the method's stage artifacts, optimizer and scheduler, and the resumed checkpoint; None
+    when the stage has finished already. A stage starts from `stage_init`'s final weights or, without one, from the
+    previous stage's (loaded from disk, so a resumed run or `train.stage=...` starts where the stage did).
+    `before_resume` sees the stage's initial weights before a checkpoint replaces them (an RL reference)."""
+    train_cfg = effective_train(run.config.train, stage)
     stage_dir = run.directory / "stages" / stage
     if (stage_dir / "final").is_dir():
         accelerator.print(f"stage {stage}: already finished in {stage_dir / 'final'}, skipping")
-        return
-    init_from = run.method.stage_init(stage)
+        return None
+    stages = run.method.stages
+    init_from = run.method.stage_init(stage) or (stages[stage_index - 1] if stage_index > 0 else None)
     if init_from is not None:
         load_final_weights(accelerator.unwrap_model(module), run.directory / "stages" / init_from / "final")
     context = StageContext(
@@ -374,13 +401,33 @@ def _run_stage(
     groups = freeze_and_group(run.backbone, run.method, freeze, train_cfg.module_lr, run.trainable)
     optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
     scheduler = build_scheduler(optimizer, train_cfg)
+    if before_resume is not None:
+        before_resume()
     start_step = 0
     checkpoint = _resume_checkpoint(accelerator, stage_dir)
     if checkpoint is not None:
         start_step = load_checkpoint_into(checkpoint, accelerator, module, optimizer, scheduler)
         accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
         _log(run, accelerator, {"event": "resume", "stage": stage, "step": start_step})
+    return StageStart(train_cfg, stage_dir, optimizer, scheduler, start_step)
 
+
+def finish_stage(run: Run, accelerator: Any, stage: str, stage_dir: Path) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(run.backbone, run.method, stage, stage_dir / "final")
+    accelerator.wait_for_everyone()
+
+
+def _run_stage(
+    run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
+) -> None:
+    """A supervised stage: the method's layouts and loss over the training samples."""
+    config = run.config
+    started = start_stage(run, accelerator, module, samples, stage, stage_index)
+    if started is None:
+        return
+    train_cfg, start_step = started.train, started.step
     dataset = LayoutDataset(
         samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id
     )
@@ -403,12 +450,18 @@ def _run_stage(
         collate_fn=lambda batch: batch,
     )
     _loop(
-        run, accelerator, module, optimizer, scheduler, iter(loader), stage, stage_dir, start_step, train_cfg
+        run,
+        accelerator,
+        module,
+        started.optimizer,
+        started.scheduler,
+        iter(loader),
+        stage,
+        started.directory,
+        start_step,
+        train_cfg,
     )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final(run.backbone, run.method, stage, stage_dir / "final")
-    accelerator.wait_for_everyone()
+    finish_stage(run, accelerator, stage, started.directory)
 
 
 def _resume_checkpoint(accelerator: Any, stage_dir: Path) -> Path | None:
@@ -489,17 +542,32 @@ def _loop(
             bar.set_postfix(loss=f"{record['loss']:.3f}")
         if train_cfg.eval_every is not None and (done % train_cfg.eval_every == 0 or done == train_cfg.steps):
             _evaluate(run, accelerator, module, stage, done)
-        stop = done < train_cfg.steps and _stop_requested(run, accelerator)
-        if (done % train_cfg.checkpoint_every == 0 or stop) and done < train_cfg.steps:
-            saved = save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
-            if accelerator.is_main_process:
-                prune_checkpoints(stage_dir, train_cfg.keep_checkpoints)
-            if stop:
-                raise TrainingInterrupted(
-                    f"stage {stage} stopped after step {done} of {train_cfg.steps}, checkpoint {saved}; continue "
-                    "with the same command plus --resume"
-                )
+        checkpoint_if_due(run, accelerator, module, optimizer, scheduler, stage, stage_dir, done, train_cfg)
     bar.close()
+
+
+def checkpoint_if_due(
+    run: Run,
+    accelerator: Any,
+    module: nn.Module,
+    optimizer,
+    scheduler,
+    stage: str,
+    stage_dir: Path,
+    done: int,
+    train_cfg: TrainSection,
+) -> None:
+    """After step `done`: a checkpoint every `checkpoint_every` steps, and one before stopping on Ctrl-C."""
+    stop = done < train_cfg.steps and _stop_requested(run, accelerator)
+    if (done % train_cfg.checkpoint_every == 0 or stop) and done < train_cfg.steps:
+        saved = save_checkpoint(stage_dir, done, accelerator, module, optimizer, scheduler)
+        if accelerator.is_main_process:
+            prune_checkpoints(stage_dir, train_cfg.keep_checkpoints)
+        if stop:
+            raise TrainingInterrupted(
+                f"stage {stage} stopped after step {done} of {train_cfg.steps}, checkpoint {saved}; continue "
+                "with the same command plus --resume"
+            )
 
 
 def _stop_requested(run: Run, accelerator: Any) -> bool:
@@ -531,6 +599,14 @@ def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:
         )
 
 
+def _run_rl_stage(
+    run: Run, accelerator: Any, module: nn.Module, samples: list[Sample], stage: str, stage_index: int
+) -> None:
+    from latentkit.rl.loop import run_rl_stage  # the RL loop builds on this module's stage helpers
+
+    run_rl_stage(run, accelerator, module, samples, stage, stage_index)
+
+
 StageLoop = Callable[[Run, Any, nn.Module, list[Sample], str, int], None]
-# One training loop per stage kind (docs/design.md, "Training"); the RL loop joins as "rl".
-STAGE_LOOPS: dict[str, StageLoop] = {"supervised": _run_stage}
+# One training loop per stage kind (docs/design.md, "Training").
+STAGE_LOOPS: dict[str, StageLoop] = {"supervised": _run_stage, "rl": _run_rl_stage}

@@ -248,8 +248,11 @@ def test_auxiliaries_stay_out_of_the_optimizer_and_bad_paths_name_the_key(tmp_pa
         load_auxiliary_model(tmp_path / "absent", "method.encoder_path")
 
 
-def test_a_stage_kind_without_a_loop_is_refused_before_training(tmp_path):
+def test_a_stage_kind_without_a_loop_is_refused_before_training(tmp_path, monkeypatch):
     assert ThenRL.stage_kind("first") == "supervised" and ThenRL.stage_kind("second") == "rl"
+    from latentkit import trainer
+
+    monkeypatch.setattr(trainer, "STAGE_LOOPS", {"supervised": trainer.STAGE_LOOPS["supervised"]})
     with pytest.raises(ConfigError, match="'second' of then-rl is a 'rl' stage"):
         train(config(tmp_path, "then-rl", "both", "train.steps=1"))
     assert not (tmp_path / "both").exists()  # refused before anything was written
