@@ -1,4 +1,4 @@
-"""The RL losses pinned by independent computations: numbers by hand (in the comments) and
+"""The RL losses and Palette's schedules pinned by independent computations: numbers by hand (in the comments) and
 plain-Python loops, never the torch expression under test."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 import torch
+from latentkit.methods.palette.schedules import palette_rho, prefixed_count
 
 from latentkit.rl import aggregate, gaussian_logprob, group_advantages, k3_kl, masked_mean, policy_loss
 
@@ -257,3 +258,55 @@ def test_gaussian_logprob_by_hand():
     assert delta.item() == pytest.approx(3 / 8)
     with pytest.raises(ValueError, match="sigma must be > 0, got 0"):
         gaussian_logprob(z, mu, 0)
+
+
+# --- Palette schedules -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "progress, schedule, rho",
+    [
+        (0.0, "two_phase", 1.0),
+        (0.49, "two_phase", 1.0),
+        (0.5, "two_phase", 0.0),
+        (1.0, "two_phase", 0.0),
+        (0.0, "linear", 1.0),
+        (0.25, "linear", 0.75),
+        (1.0, "linear", 0.0),
+        (0.0, "constant", 1.0),
+        (0.7, "constant", 1.0),
+        (1.0, "constant", 1.0),
+    ],
+)
+def test_palette_rho_table(progress, schedule, rho):
+    assert palette_rho(progress, schedule) == rho
+
+
+@pytest.mark.parametrize(
+    "group_size, rho, count",
+    [
+        (8, 1.0, 8),
+        (8, 0.0, 0),
+        (8, 0.5, 4),
+        (8, 0.3, 2),  # 2.4
+        (8, 0.3125, 3),  # 2.5: half up (round would give 2)
+        (6, 0.75, 5),  # 4.5 (round would give 4)
+        (4, 0.625, 3),  # 2.5
+        (2, 0.25, 1),  # 0.5
+        (5, 0.7, 4),  # 3.5
+        (1, 0.4, 0),
+    ],
+)
+def test_prefixed_count_table(group_size, rho, count):
+    assert prefixed_count(group_size, rho) == count
+
+
+def test_schedules_refuse_bad_arguments():
+    for progress in (-0.1, 1.1, math.nan):
+        with pytest.raises(ValueError, match="progress must be in"):
+            palette_rho(progress, "linear")
+    with pytest.raises(ValueError, match="unknown palette schedule 'cosine'"):
+        palette_rho(0.5, "cosine")
+    with pytest.raises(ValueError, match="group_size must be >= 1, got 0"):
+        prefixed_count(0, 0.5)
+    for rho in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="rho must be in"):
+            prefixed_count(8, rho)
