@@ -111,7 +111,8 @@ def is_well_formed(
     """The rule of `format_reward`: the completion ended with the end-of-sequence token (`finish_reason` "eos"),
     holds exactly one answer box (`\\boxed{` or `\\fbox{`, as the scorers read them) whose braces close, its
     observation tags and each pair of latent tags occur as open, close, open, close, ... (balanced, not
-    nested; none at all is fine), and it does not end in a repetition loop (`repeats_at_end`)."""
+    nested; none at all is fine), and it does not end in a repetition loop (`repeats_at_end`: one piece of at
+    most 64 characters repeated 4 times)."""
     return (
         finish_reason == "eos"
         and len(_BOX_START.findall(completion)) == 1
@@ -260,7 +261,7 @@ def load_reward(spec: RewardSpec) -> RewardFunc:
     fn = REWARDS[spec.name] if spec.name in REWARDS else _import_path(spec.name)
     if not callable(fn):
         raise ConfigError(
-            f"reward name {spec.name!r} is a {type(fn).__name__}, not a function; name a TRL-style reward function"
+            f"reward name {spec.name!r} is not callable (a {type(fn).__name__}); name a TRL-style reward function"
         )
     _check_kwargs(spec, fn)
     return partial(fn, **spec.kwargs) if spec.kwargs else fn
