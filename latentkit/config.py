@@ -102,9 +102,9 @@ class RewardSpec(StrictModel):
     """One reward function of an RL stage: a built-in name (`latentkit.rl.rewards`) or the dotted path of any
     function with TRL's signature (`package.module:function`), its weight in the sum, and keyword arguments."""
 
-    name: str
+    name: str = Field(min_length=1)
     weight: float = 1.0
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 class RLSection(StrictModel):

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from latentkit.rl.losses import group_advantages, k3_kl, policy_loss
-from latentkit.rl.rewards import combine_rewards
 from torch import nn
 
 from latentkit.backbone import Backbone
@@ -33,6 +31,8 @@ from latentkit.config import RLSection
 from latentkit.decoding import SamplingParams, Trajectory, decode
 from latentkit.errors import ConfigError
 from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.rl.losses import aggregate, group_advantages, k3_kl, policy_loss
+from latentkit.rl.rewards import combine_rewards
 from latentkit.segments import Sample
 from latentkit.synth import SYNTH_TASKS
 
@@ -157,7 +157,7 @@ def rl_loss(method: Method, backbone: Backbone, rollouts: Rollouts, rl: RLSectio
         )
         metrics = {key: float(value) for key, value in diagnostics.items()}
         if rollouts.ref_log_probs is not None:
-            kl = (k3_kl(logp, padded(rollouts.ref_log_probs, device)) * mask).sum() / mask.sum().clamp_min(1)
+            kl = aggregate(k3_kl(logp, padded(rollouts.ref_log_probs, device)), mask, rl.aggregation)
             loss = loss + rl.beta * kl
             metrics["kl"] = float(kl.detach())
         return LossOutput(loss, metrics)

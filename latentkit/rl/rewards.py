@@ -24,9 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
-from pydantic import Field
-
-from latentkit.config import StrictModel
+from latentkit.config import RewardSpec
 from latentkit.errors import ConfigError
 from latentkit.eval.runner import repeats_at_end
 from latentkit.eval.scorers import extract_boxed, get_scorer, gsm8k_gold
@@ -196,15 +194,6 @@ REWARDS: dict[str, RewardFunc] = {
     "length_penalty": length_penalty_reward,
     "latent_necessity": latent_necessity_reward,
 }
-
-
-class RewardSpec(StrictModel):
-    """One reward of a weighted sum: `name` is a built-in (`REWARDS`) or the dotted path of a TRL-style function
-    ("package.module:function" or "package.module.function"); `kwargs` are bound to it (functools.partial)."""
-
-    name: str = Field(min_length=1)
-    weight: float = 1.0
-    kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
 # Monet's VLPO rewards (arXiv 2511.21395).
