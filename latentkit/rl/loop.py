@@ -101,6 +101,9 @@ def generate_rollouts(
         [t.token_ids for t in trajectories],
         columns,
     )
+    for spec in rl.rewards:  # every process logs the same keys (a reward with no value here: NaN)
+        for stat in ("mean", "std"):
+            metrics.setdefault(f"reward/{spec.name}/{stat}", math.nan)
     rewards = torch.tensor(totals, dtype=torch.float32)
     advantages = group_advantages(rewards, group, rl.estimator)
     with torch.no_grad():
@@ -240,7 +243,7 @@ def run_rl_stage(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates = {"loss": float(out.loss.detach()), **out.metrics}
-            if grad_norm is not None and math.isfinite(float(grad_norm)):
+            if grad_norm is not None:  # on every process alike, finite or not
                 updates["grad_norm"] = float(grad_norm)
         scheduler.step()
         done = step + 1
