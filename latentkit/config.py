@@ -121,6 +121,10 @@ class RLSection(StrictModel):
     temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_completion_length: int = Field(96, gt=0)
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no advantage) are dropped and refilled with
+    # fresh prompts, for at most `max_resample_rounds` more rounds; then the step goes on with what it has.
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = Field(3, ge=1)
     rewards: list[RewardSpec] = [RewardSpec(name="accuracy")]
     # The scorer behind the accuracy reward; None: each synthetic task's own (other data must name one).
     scorer: str | None = None

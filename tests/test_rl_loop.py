@@ -112,3 +112,41 @@ def test_rollout_seeds_and_scorers():
     assert scorer_of(arith, RLSection(scorer="exact")) == "exact"
     with pytest.raises(Exception, match="set train.rl.scorer"):
         scorer_of(Sample("y", "my-data", (), answer="3"), RLSection())
+
+
+def test_dynamic_sampling_drops_uninformative_groups_and_stops_at_its_bound(tmp_path):
+    """An untrained model is nearly always wrong: its all-equal groups are dropped and refilled, for at most
+    `max_resample_rounds` rounds, and the step goes on with what it has, without crashing or hanging."""
+    dynamic = [
+        "train.rl.dynamic_sampling=true",
+        "train.rl.max_resample_rounds=2",
+        "train.stages.grpo.steps=1",
+    ]
+    latentkit(*train_args(tmp_path, "dyn", *ARITH, *RL, *dynamic))
+    (record,) = rl_metrics(tmp_path / "dyn")
+    assert record["reward"] == 0.0  # the first round: every group all wrong
+    rounds = record["resample_rounds"]
+    assert record["kept_groups"] <= 2 and (record["kept_groups"] == 2 or rounds == 2)
+    # Every group of every round is either kept or dropped (refill rounds of batch 2: kept ones stop counting).
+    assert record["kept_groups"] + record["dropped_groups"] <= 2 * (1 + rounds)
+    assert record["dropped_groups"] >= 2
+
+
+def test_group_selection_keeps_whole_groups_with_an_advantage():
+    from latentkit.rl.loop import Rollouts, informative_groups, joined, select_groups
+
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])  # groups of 2: equal, mixed, equal
+    rollouts = Rollouts(
+        samples=list("abcdef"),
+        trajectories=list("ABCDEF"),
+        rewards=rewards,
+        advantages=torch.arange(6.0),
+        old_log_probs=[torch.tensor([float(i)]) for i in range(6)],
+        ref_log_probs=None,
+        metrics={},
+    )
+    assert informative_groups(rollouts, 2) == [1]
+    kept = select_groups(rollouts, [1], 2)
+    assert kept.samples == ["c", "d"] and kept.advantages.tolist() == [2.0, 3.0]
+    both = joined([kept, select_groups(rollouts, [0], 2)], {"x": 1.0})
+    assert both.samples == ["c", "d", "a", "b"] and both.rewards.tolist() == [0.0, 1.0, 1.0, 1.0]

@@ -19,7 +19,7 @@ import copy
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,9 @@ from latentkit.rl.losses import aggregate, group_advantages, k3_kl, policy_loss
 from latentkit.rl.rewards import combine_rewards
 from latentkit.segments import Sample
 from latentkit.synth import SYNTH_TASKS
+from latentkit.trainer import sample_indices
+
+REFILL_SEED = 104_729  # refill prompts come from their own permutation stream, not the step schedule's
 
 
 @dataclass
@@ -125,6 +128,100 @@ def generate_rollouts(
         }
     )
     return Rollouts(repeated, trajectories, rewards, advantages, old, ref, metrics)
+
+
+def informative_groups(rollouts: Rollouts, group: int) -> list[int]:
+    """Indices of the groups whose rewards are not all equal (the others have zero advantage)."""
+    rewards = rollouts.rewards
+    return [
+        g
+        for g in range(len(rewards) // group)
+        if not bool((rewards[g * group : (g + 1) * group] == rewards[g * group]).all())
+    ]
+
+
+def select_groups(rollouts: Rollouts, groups: list[int], group: int) -> Rollouts:
+    rows = [g * group + i for g in groups for i in range(group)]
+    ref = rollouts.ref_log_probs
+    return Rollouts(
+        [rollouts.samples[r] for r in rows],
+        [rollouts.trajectories[r] for r in rows],
+        rollouts.rewards[rows],
+        rollouts.advantages[rows],
+        [rollouts.old_log_probs[r] for r in rows],
+        None if ref is None else [ref[r] for r in rows],
+        rollouts.metrics,
+    )
+
+
+def joined(parts: list[Rollouts], metrics: dict[str, float]) -> Rollouts:
+    refs = [p.ref_log_probs for p in parts]
+    return Rollouts(
+        [s for p in parts for s in p.samples],
+        [t for p in parts for t in p.trajectories],
+        torch.cat([p.rewards for p in parts]),
+        torch.cat([p.advantages for p in parts]),
+        [lp for p in parts for lp in p.old_log_probs],
+        None if any(r is None for r in refs) else [lp for r in refs for lp in r],  # type: ignore[union-attr]
+        metrics,
+    )
+
+
+def collect_rollouts(
+    method: Method,
+    prompts: list[Sample],
+    refill: Any,
+    rl: RLSection,
+    params: SamplingParams,
+    reference: Backbone | None,
+) -> Rollouts:
+    """The step's rollouts; with `dynamic_sampling`, all-equal groups are dropped and `refill(round)` (fresh
+    prompts, deterministic per round) tops them up, for at most `max_resample_rounds` rounds. The metrics are the
+    first round's (the rewards as sampled), plus the groups dropped and the rounds taken. If no group has an
+    advantage after the last round, the first round is kept as it is (its update is zero)."""
+    first = generate_rollouts(method, prompts, rl, params, reference)
+    if not rl.dynamic_sampling:
+        return first
+    group, wanted = rl.num_generations, len(prompts)
+    kept_groups = informative_groups(first, group)
+    parts, dropped, rounds = [select_groups(first, kept_groups, group)], wanted - len(kept_groups), 0
+    count = len(kept_groups)
+    while count < wanted and rounds < rl.max_resample_rounds:
+        rounds += 1
+        more = generate_rollouts(
+            method, refill(rounds), rl, replace(params, seed=params.seed + rounds), reference
+        )
+        keep = informative_groups(more, group)[: wanted - count]
+        dropped += len(more.samples) // group - len(informative_groups(more, group))
+        parts.append(select_groups(more, keep, group))
+        count += len(keep)
+    metrics = {
+        **first.metrics,
+        "kept_groups": float(count),
+        "dropped_groups": float(dropped),
+        "resample_rounds": float(rounds),
+    }
+    if count == 0:
+        return Rollouts(**{**first.__dict__, "metrics": metrics})
+    return joined(parts, metrics)
+
+
+def refill_prompts(
+    samples: list[Sample],
+    seed: int,
+    stage_index: int,
+    step: int,
+    round_: int,
+    rounds: int,
+    batch: int,
+    process: int,
+    world: int,
+) -> list[Sample]:
+    """Dynamic sampling's fresh prompts for (step, round, process): their own seeded stream, disjoint per round
+    and process, so a resumed step refills with the same prompts."""
+    first = (((step * rounds + round_ - 1) * world) + process) * batch
+    indices = sample_indices(len(samples), seed + REFILL_SEED, stage_index, range(first, first + batch))
+    return [samples[i] for i in indices]
 
 
 def prompt_text(sample: Sample) -> str:
@@ -227,8 +324,22 @@ def run_rl_stage(
             seed=rollout_seed(config.run.seed, stage_index, step, accelerator.process_index),
         )
         module.eval()
-        rollouts = generate_rollouts(
-            run.method, [samples[i] for i in schedule[offset]], rl, params, holder.get("reference")
+
+        def refill(round_: int, step: int = step) -> list[Sample]:
+            return refill_prompts(
+                samples,
+                config.run.seed,
+                stage_index,
+                step,
+                round_,
+                rl.max_resample_rounds,
+                train_cfg.batch_size,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+
+        rollouts = collect_rollouts(
+            run.method, [samples[i] for i in schedule[offset]], refill, rl, params, holder.get("reference")
         )
         rolled = time.perf_counter()
         module.train()
