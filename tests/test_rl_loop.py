@@ -52,7 +52,8 @@ def test_grpo_runs_sft_then_rl_with_its_metrics(arith):
             "ratio_mean",
             "completion_length",
         } <= record.keys()
-        assert {"reward/accuracy/mean", "rollout_time", "update_time"} <= record.keys()
+        assert {"reward/accuracy/mean", "rollout_time", "update_time", "entropy"} <= record.keys()
+        assert record["entropy"] > 0  # sampled at temperature 1 from an untrained model
     assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update's policy is the reference
     assert (arith / "final" / "model.safetensors").is_file()
     assert not any("reference" in key for key in final_weights(arith))  # the reference is never saved

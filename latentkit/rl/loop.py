@@ -116,8 +116,12 @@ def generate_rollouts(
             if reference is None
             else [lp.detach() for lp in method.log_probs(reference, trajectories, params)]
         )
+    actions = [torch.tensor(t.is_action, dtype=torch.bool) for t in trajectories]
+    sampled = torch.cat([-lp.cpu()[a] for lp, a in zip(old, actions)])
     metrics.update(
         {
+            # E[-log p] of the sampled actions: a one-sample estimate of the sampling policy's entropy per action
+            "entropy": float(sampled.mean()) if len(sampled) else 0.0,
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion_length": sum(len(t) for t in trajectories) / len(trajectories),
