@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentkit import trainer
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
 from latentkit.config import RLSection
@@ -35,7 +36,6 @@ from latentkit.rl.losses import aggregate, group_advantages, k3_kl, policy_loss
 from latentkit.rl.rewards import combine_rewards
 from latentkit.segments import Sample
 from latentkit.synth import SYNTH_TASKS
-from latentkit.trainer import sample_indices
 
 REFILL_SEED = 104_729  # refill prompts come from their own permutation stream, not the step schedule's
 
@@ -48,7 +48,8 @@ class Rollouts:
     trajectories: list[Trajectory]
     rewards: torch.Tensor  # [N]
     advantages: torch.Tensor  # [N]
-    old_log_probs: list[torch.Tensor]  # per trajectory [n], no gradient
+    # Per trajectory [n], no gradient; None with one update per rollout batch, whose policy is still the sampling one
+    old_log_probs: list[torch.Tensor] | None
     ref_log_probs: list[torch.Tensor] | None
     metrics: dict[str, float]
 
@@ -110,18 +111,16 @@ def generate_rollouts(
     rewards = torch.tensor(totals, dtype=torch.float32)
     advantages = group_advantages(rewards, group, rl.estimator)
     with torch.no_grad():
-        old = [lp.detach() for lp in method.log_probs(backbone, trajectories, params)]
+        old = None
+        if rl.num_iterations > 1:
+            old = [lp.detach() for lp in method.log_probs(backbone, trajectories, params)]
         ref = (
             None
             if reference is None
             else [lp.detach() for lp in method.log_probs(reference, trajectories, params)]
         )
-    actions = [torch.tensor(t.is_action, dtype=torch.bool) for t in trajectories]
-    sampled = torch.cat([-lp.cpu()[a] for lp, a in zip(old, actions)])
     metrics.update(
         {
-            # E[-log p] of the sampled actions: a one-sample estimate of the sampling policy's entropy per action
-            "entropy": float(sampled.mean()) if len(sampled) else 0.0,
             "reward": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion_length": sum(len(t) for t in trajectories) / len(trajectories),
@@ -152,20 +151,20 @@ def select_groups(rollouts: Rollouts, groups: list[int], group: int) -> Rollouts
         [rollouts.trajectories[r] for r in rows],
         rollouts.rewards[rows],
         rollouts.advantages[rows],
-        [rollouts.old_log_probs[r] for r in rows],
+        None if rollouts.old_log_probs is None else [rollouts.old_log_probs[r] for r in rows],
         None if ref is None else [ref[r] for r in rows],
         rollouts.metrics,
     )
 
 
 def joined(parts: list[Rollouts], metrics: dict[str, float]) -> Rollouts:
-    refs = [p.ref_log_probs for p in parts]
+    refs, olds = [p.ref_log_probs for p in parts], [p.old_log_probs for p in parts]
     return Rollouts(
         [s for p in parts for s in p.samples],
         [t for p in parts for t in p.trajectories],
         torch.cat([p.rewards for p in parts]),
         torch.cat([p.advantages for p in parts]),
-        [lp for p in parts for lp in p.old_log_probs],
+        None if any(o is None for o in olds) else [lp for o in olds for lp in o],  # type: ignore[union-attr]
         None if any(r is None for r in refs) else [lp for r in refs for lp in r],  # type: ignore[union-attr]
         metrics,
     )
@@ -195,8 +194,9 @@ def collect_rollouts(
         more = generate_rollouts(
             method, refill(rounds), rl, replace(params, seed=params.seed + rounds), reference
         )
-        keep = informative_groups(more, group)[: wanted - count]
-        dropped += len(more.samples) // group - len(informative_groups(more, group))
+        informative = informative_groups(more, group)
+        keep = informative[: wanted - count]
+        dropped += len(more.samples) // group - len(informative)
         parts.append(select_groups(more, keep, group))
         count += len(keep)
     metrics = {
@@ -224,7 +224,9 @@ def refill_prompts(
     """Dynamic sampling's fresh prompts for (step, round, process): their own seeded stream, disjoint per round
     and process, so a resumed step refills with the same prompts."""
     first = (((step * rounds + round_ - 1) * world) + process) * batch
-    indices = sample_indices(len(samples), seed + REFILL_SEED, stage_index, range(first, first + batch))
+    indices = trainer.sample_indices(
+        len(samples), seed + REFILL_SEED, stage_index, range(first, first + batch)
+    )
     return [samples[i] for i in indices]
 
 
@@ -247,7 +249,7 @@ def rl_loss(method: Method, backbone: Backbone, rollouts: Rollouts, rl: RLSectio
     def compute(_: Backbone) -> LossOutput:
         device = backbone.device
         logp = padded(method.log_probs(backbone, rollouts.trajectories, params), device)
-        old = padded(rollouts.old_log_probs, device)
+        old = logp.detach() if rollouts.old_log_probs is None else padded(rollouts.old_log_probs, device)
         mask = padded([torch.tensor(t.is_action, dtype=torch.float32) for t in rollouts.trajectories], device)
         loss, diagnostics = policy_loss(
             logp,
@@ -260,6 +262,8 @@ def rl_loss(method: Method, backbone: Backbone, rollouts: Rollouts, rl: RLSectio
             rl.aggregation,
         )
         metrics = {key: float(value) for key, value in diagnostics.items()}
+        # E[-log p] of the sampled actions: a one-sample estimate of the sampling policy's entropy per action
+        metrics["entropy"] = float(-(old * mask).sum() / mask.sum().clamp_min(1))
         if rollouts.ref_log_probs is not None:
             kl = aggregate(k3_kl(logp, padded(rollouts.ref_log_probs, device)), mask, rl.aggregation)
             loss = loss + rl.beta * kl
@@ -284,8 +288,6 @@ def run_rl_stage(
 ) -> None:
     """An RL stage of `run.method` over the training samples (prompts; gold answers in the records)."""
     from tqdm.auto import tqdm
-
-    from latentkit import trainer
 
     config, rl = run.config, run.config.train.rl
     holder: dict[str, Backbone] = {}

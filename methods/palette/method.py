@@ -113,10 +113,10 @@ class Palette(Method):
     def layout(self, sample: Sample, stage: str) -> Layout:
         if stage == "vae":
             return content_layout(self.backbone, sample)
-        # Placeholder vectors: the loss writes D(z) there (layouts may be built in DataLoader workers).
+        # Zeros that reserve the prefix positions; the loss writes D(z) there (layouts may be built in workers).
         size = self.config.train_prefix_length * self.config.vectors_per_latent
-        placeholder = torch.zeros(size, self.backbone.hidden_size)
-        return prefixed_layout(self.backbone, sample, placeholder, self.config.observation_tags)
+        reserved = torch.zeros(size, self.backbone.hidden_size)
+        return prefixed_layout(self.backbone, sample, reserved, self.config.observation_tags)
 
     # --- losses -----------------------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:

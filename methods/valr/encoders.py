@@ -94,6 +94,7 @@ class FrozenEncoder:
     processor: Any
     fingerprint: str  # weights and processor settings
     grid: tuple[int, int]
+    width: int  # E, the patch features' size
 
     @torch.no_grad()
     def features(self, images: list[Path]) -> torch.Tensor:
@@ -165,4 +166,6 @@ def load_encoder(spec: EncoderSpec, key: str) -> FrozenEncoder:
     settings = json.dumps(processor.to_dict(), sort_keys=True, default=str)
     fingerprint = hashlib.sha256(f"{weights_key}:{settings}".encode()).hexdigest()[:16]
     _, grid = patch_features(model, processor, [Image.new("RGB", (PRESET_SIZE * 4, PRESET_SIZE * 4))])
-    return FrozenEncoder(spec.name, model, processor, fingerprint, grid)
+    return FrozenEncoder(
+        spec.name, model, processor, fingerprint, grid, _vision_config(model.config).hidden_size
+    )

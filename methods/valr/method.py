@@ -7,6 +7,8 @@ Nothing extra runs at inference: decoding is `latentkit.latent.LatentPolicy`.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
+from pathlib import Path
 
 import torch
 from latentkit.methods.sft.method import sft_loss
@@ -27,6 +29,17 @@ from latentkit.representation_cache import RepresentationCache, ensure_cache, fi
 from latentkit.segments import Sample, SampleKey
 
 FEATURES = "features"
+
+
+def image_features(encoder: FrozenEncoder, groups: list[tuple[Path, ...]]) -> list[torch.Tensor]:
+    """Per group of image files, their patch features [images, P, E] (one encoder pass for all of them)."""
+    flat = [path for group in groups for path in group]
+    rows, columns = encoder.grid
+    features = encoder.features(flat) if flat else torch.zeros(0, rows * columns, encoder.width)
+    bounds = [0]
+    for group in groups:
+        bounds.append(bounds[-1] + len(group))
+    return [features[start:end] for start, end in pairwise(bounds)]
 
 
 def projector(width: int, hidden: int, out: int) -> nn.Sequential:
@@ -139,26 +152,8 @@ class Valr(Method):
 
     def _sample_features(self, encoder: FrozenEncoder, samples: list[Sample]) -> list[torch.Tensor]:
         """Per sample [images, P, E]: the encoder's patch features of each image a step can target."""
-        images = [sample_images(sample) for sample in samples]
-        flat = [path for paths in images for path in paths]
         dtype = getattr(torch, self.config.feature_dtype)
-        features = encoder.features(flat).to(dtype) if flat else None
-        out, start = [], 0
-        for paths in images:
-            if features is None or not paths:
-                rows, columns = encoder.grid
-                out.append(torch.zeros(0, rows * columns, self.encoder_widths[encoder.name], dtype=dtype))
-            else:
-                out.append(features[start : start + len(paths)])
-            start += len(paths)
-        return out
-
-    @property
-    def encoder_widths(self) -> dict[str, int]:
-        return {
-            encoder.name: self.modules[f"projector{index}"][-1].out_features
-            for index, encoder in enumerate(self.encoders)
-        }
+        return [f.to(dtype) for f in image_features(encoder, [sample_images(sample) for sample in samples])]
 
     # --- losses -----------------------------------------------------------------------------------------------
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
@@ -234,15 +229,7 @@ class Valr(Method):
         """Per sample of the batch, [images, P, E] of encoder `index`: from the cache, or run now."""
         if self.caches:
             return self.caches[index].get(batch.keys)
-        encoder = self.encoders[index]
-        paths = [self._plan(key)[1] for key in batch.keys]
-        flat = [path for group in paths for path in group]
-        features = encoder.features(flat) if flat else None
-        out, start = [], 0
-        for group in paths:
-            out.append(features[start : start + len(group)] if features is not None else torch.zeros(0))
-            start += len(group)
-        return out
+        return image_features(self.encoders[index], [self._plan(key)[1] for key in batch.keys])
 
     # --- decoding ---------------------------------------------------------------------------------------------
     def decoding_policy(self) -> LatentPolicy:
