@@ -437,3 +437,10 @@ def test_tiny_config_is_the_method_default_and_registered():
     raw = yaml.safe_load((REPO / "configs" / "palette" / "tiny.yaml").read_text())
     assert PaletteConfig.model_validate(raw["method"]) == PaletteConfig()
     assert raw["model"]["preset"] == "tiny-causal-lm" and raw["data"]["task"] == "synth-arith"
+
+
+def test_bad_domain_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; fit one with fit_domain first"):
+        palette(domain=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(Exception, match="domain_by='split' must be dataset, metadata.<field> or null"):
+        PaletteConfig(domain_by="split")

@@ -358,3 +358,11 @@ def test_align_loss_matches_a_reference_recomputation(valr, tmp_path):
     assert got.metrics["repa"] == pytest.approx(float(repa), abs=1e-5)
     assert got.metrics["aligned_segments"] == 6
     assert float(got.loss) == pytest.approx(got.metrics["ce"] + 0.5 * float(repa), abs=1e-5)
+
+
+def test_encoder_directory_without_its_processor_is_a_one_line_error(tmp_path):
+    load_encoder(EncoderSpec(preset="tiny-dinov2"), "e").model.save_pretrained(tmp_path / "bare")
+    with pytest.raises(
+        CheckpointError, match=r"holds no preprocessor_config.json: save the encoder's image processor"
+    ):
+        load_encoder(EncoderSpec(path=str(tmp_path / "bare")), "method.encoders[0]")
