@@ -133,11 +133,14 @@ class Method(ABC):
         """What generation continues: the system and user turns, then the assistant header; the vectors of
         `prompt_embeddings` sit right after the question's images (or open the user turn when it has none).
         `draw` numbers the answers to one question (0 .. k-1 for pass@k)."""
+        return self.prompt_with(sample, self.prompt_embeddings(sample, draw))
+
+    def prompt_with(self, sample: Sample, vectors: torch.Tensor | None) -> LayoutBuilder:
+        """`prompt`'s layout with the given prompt vectors [n, D] (None: none)."""
         from latentkit.chat import ResponseWeights, drop_aux_image, render_chat
         from latentkit.layout import LayoutBuilder
 
         builder = LayoutBuilder(self.backbone)
-        vectors = self.prompt_embeddings(sample, draw)
         insert = None if vectors is None else lambda b, index: b.add_embeddings(vectors, index)
         render_chat(builder, sample, drop_aux_image, ResponseWeights(), prompt_only=True, after_images=insert)
         return builder
@@ -164,6 +167,28 @@ class Method(ABC):
         from latentkit.decoding import DecodingPolicy
 
         return DecodingPolicy()
+
+    def rollout_prompts(
+        self, sample: Sample, group: int, progress: StageProgress, seed: int, latents: bool = True
+    ) -> list[LayoutBuilder]:
+        """Hook for RL: the prompts of one question's `group` rollouts at `progress` through the stage, `seed`
+        drawing whatever the method samples for them (fresh each step). `latents=False`: the same prompts with
+        the method's latent inputs removed (the latent-necessity re-roll). Default: `prompt(sample, draw)` for
+        draw 0 .. group-1, without prompt vectors when `latents` is False."""
+        if latents:
+            return [self.prompt(sample, draw) for draw in range(group)]
+        return [self.prompt_with(sample, None) for _ in range(group)]
+
+    def rollout_policy(self, seed: int, latents: bool = True) -> DecodingPolicy:
+        """Hook for RL: the policy rollouts decode with (`seed` for any noise it samples); `latents=False`, the
+        policy with its continuous steps removed. Default: `decoding_policy()`, and for a `ContinuousPolicy`
+        without latents, the same with k = 0."""
+        from latentkit.latent import ContinuousPolicy
+
+        policy = self.decoding_policy()
+        if not latents and isinstance(policy, ContinuousPolicy):
+            return policy.varied(k=0)
+        return policy
 
     def oracle_latents(self, samples: list[Sample], run_dir: Path | None) -> list[torch.Tensor] | None:
         """Hook for `latentkit diagnose`: per sample [blocks, K, D], an oracle's hidden states at the sample's

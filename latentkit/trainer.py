@@ -316,6 +316,10 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         )
     if records.skipped and accelerator.is_main_process:
         print(f"skipped {records.skipped} bad records: {dict(records.skip_reasons)}")
+    if any(method_cls.stage_kind(stage) == "rl" for stage in stages if config.train.stage in (None, stage)):
+        from latentkit.rl.loop import check_scorers
+
+        check_scorers(records.samples, config.train.rl)  # before any stage trains, not hours later
 
     if config.train.wandb.mode != "disabled":
         accelerator.init_trackers(

@@ -1,6 +1,7 @@
-"""`latentkit train --method monet` end to end: the three stages on the embedded default, a resumed distill
-stage reusing its teacher cache, evaluation with latent decoding, and the real-checkpoint path (a tiny
-HF-format Qwen2.5-VL directory and records in the official Monet-SFT-125K format)."""
+"""`latentkit train --method monet` end to end: the four stages (warmup, distill, latent, and the RL stage vlpo)
+on the embedded default, a resumed distill stage reusing its teacher cache, `train.stage=vlpo` alone from the
+latent stage's weights, evaluation with latent decoding, and the real-checkpoint path (a tiny HF-format
+Qwen2.5-VL directory and records in the official Monet-SFT-125K format)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import yaml
 from helpers import latentkit, metrics, train_args
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
@@ -25,6 +27,10 @@ STAGED = [
     "train.stages.distill.steps=4",
     "train.stages.latent.steps=2",
     "train.stages.latent.lr=5e-4",
+    "train.stages.vlpo.steps=2",
+    "train.stages.vlpo.batch_size=2",
+    "train.rl.num_generations=2",
+    "train.rl.max_completion_length=12",
 ]
 MARKER = "<abs_vis_token></abs_vis_token>"
 
@@ -40,30 +46,32 @@ def events(run_dir: Path) -> list[tuple[str, str, str]]:
     return [(m["stage"], m["event"], m.get("cache", "")) for m in metrics(run_dir) if "event" in m]
 
 
-def test_three_stages_and_their_artifacts(run):
-    for stage in ("warmup", "distill", "latent"):
+def test_four_stages_and_their_artifacts(run):
+    for stage in ("warmup", "distill", "latent", "vlpo"):
         assert (run / "stages" / stage / "final" / "model.safetensors").is_file()
     assert json.loads((run / "final" / "latentkit_method.json").read_text()) == {
         "method": "monet",
-        "stage": "latent",
+        "stage": "vlpo",
     }
     assert events(run) == [("distill", "cache_built", "teacher"), ("latent", "cache_built", "targets")]
     steps = [(m["stage"], m["step"]) for m in metrics(run) if "loss" in m]
     assert steps == [("warmup", s) for s in (1, 2, 3)] + [("distill", s) for s in (1, 2, 3, 4)] + [
         ("latent", s) for s in (1, 2)
-    ]
+    ] + [("vlpo", s) for s in (1, 2)]
     # Two warm-up steps: the lr after a stage's first step is its peak lr.
     peak = {m["stage"]: m["lr"] for m in metrics(run) if m.get("step") == 1 and "lr" in m}
     assert peak == {
         "warmup": pytest.approx(2e-3),
         "distill": pytest.approx(2e-3),
         "latent": pytest.approx(5e-4),
+        "vlpo": pytest.approx(2e-3),
     }
     saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["stages"]
     assert {stage: (saved[stage]["steps"], saved[stage]["lr"]) for stage in saved} == {
         "warmup": (3, 2e-3),
         "distill": (4, 2e-3),
         "latent": (2, 5e-4),
+        "vlpo": (2, 2e-3),
     }
     assert all("align" in m for m in metrics(run) if m.get("stage") in ("distill", "latent") and "loss" in m)
     for kind in ("teacher", "targets"):
@@ -80,7 +88,7 @@ def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
     saved["run"]["output_dir"] = str(tmp_path)
     (copy / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     # Cut the run back to "distill interrupted after its step-2 checkpoint".
-    for path in (copy / "stages" / "distill" / "final", copy / "stages" / "latent", copy / "final"):
+    for path in (copy / "stages" / "distill" / "final", copy / "stages" / "latent", copy / "stages" / "vlpo"):
         shutil.rmtree(path)
     teacher = copy / "stages" / "distill" / "teacher" / "manifest.json"
     built_at = teacher.stat().st_mtime_ns
@@ -90,6 +98,34 @@ def test_resumed_distill_stage_reuses_the_teacher_cache(run, tmp_path):
     assert ("distill", "cache_reused", "teacher") in events(copy)
     assert teacher.stat().st_mtime_ns == built_at
     assert (copy / "final" / "model.safetensors").is_file()
+
+
+def test_vlpo_alone_starts_from_the_latent_weights(run, tmp_path):
+    """`train.stage=vlpo` on a run whose latent stage is done: VLPO's metrics (latent and token clip fractions
+    apart, the 0.9 accuracy / 0.1 format rewards) and its weights start from stages/latent/final on disk (a
+    frozen vision weight changed there is carried into vlpo's output)."""
+    copy = tmp_path / "monet"
+    shutil.copytree(run, copy)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    saved["run"]["output_dir"] = str(tmp_path)
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    shutil.rmtree(copy / "stages" / "vlpo")
+    latent = copy / "stages" / "latent" / "final" / "model.safetensors"
+    weights = load_file(str(latent))
+    marked = next(name for name in weights if "visual" in name)
+    weights[marked] = weights[marked] + 1.0
+    save_file(weights, str(latent))
+    latentkit(*train_args(tmp_path, "monet", *MONET, *STAGED), "train.stage=vlpo", "--resume")
+    after = load_file(str(copy / "stages" / "vlpo" / "final" / "model.safetensors"))
+    assert torch.equal(after[marked], weights[marked])
+    logged = [m for m in metrics(copy) if m.get("stage") == "vlpo" and "loss" in m]
+    assert {"clip_fraction/token", "clip_fraction/latent", "reward/accuracy/mean", "reward/format/mean"} <= (
+        logged[-1].keys()
+    )
+    assert saved["train"]["rl"]["rewards"] == [
+        {"name": "accuracy", "weight": 0.9, "kwargs": {}},
+        {"name": "format", "weight": 0.1, "kwargs": {}},
+    ]
 
 
 def test_eval_uses_latent_decoding(run, tmp_path):
@@ -151,18 +187,24 @@ def test_real_checkpoint_directory_and_official_records(tmp_path):
     build_backbone(ModelSection(preset="tiny-qwen2.5-vl")).save(checkpoint)
     data = tmp_path / "Monet-SFT-125K"
     write_official_dataset(data)
-    result = latentkit(
-        *train_args(
-            tmp_path,
-            "real",
-            *MONET,
-            "train.steps=2",
-            "model.preset=null",
-            f"model.path={checkpoint}",
-            f"data.path={data}",
-            "data.on_bad_record=skip",
-        ),
+    args = train_args(
+        tmp_path,
+        "real",
+        *MONET,
+        "train.steps=2",
+        "model.preset=null",
+        f"model.path={checkpoint}",
+        f"data.path={data}",
+        "data.on_bad_record=skip",
+        "train.rl.num_generations=2",
+        "train.rl.max_completion_length=8",
     )
+    # Stage vlpo scores with the accuracy reward: records that are not a synthetic task need a scorer, and the
+    # run says so before any stage trains.
+    refused = latentkit(*args, check=False)
+    assert refused.returncode == 2 and "set train.rl.scorer" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "real" / "stages").exists()
+    result = latentkit(*args, "train.rl.scorer=boxed_exact")
     assert "skipped 2 bad records" in result.stdout
     run = tmp_path / "real"
     assert (run / "final" / "config.json").is_file()

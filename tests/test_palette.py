@@ -407,6 +407,32 @@ def test_rollout_log_probs_are_recomputed_under_its_own_prefix(arith):
     assert not all(torch.allclose(a, b, atol=1e-4) for a, b in zip(moved, replayed))
 
 
+@pytest.mark.parametrize(
+    ("schedule", "step", "prefixed"),
+    [("two_phase", 4, 4), ("two_phase", 5, 0), ("linear", 0, 4), ("linear", 5, 2), ("linear", 9, 0)],
+)
+def test_rl_rollouts_follow_the_exploration_schedule(arith, schedule, step, prefixed):
+    """rho(tau) of each group (tau = step / 10; G = 4, round half up) carries an L = 8 prefix of fresh z from the
+    step's seed; the others none; the latent-necessity re-roll none at all."""
+    method = palette(rl_schedule=schedule)
+    sample, progress = arith[0], StageProgress(step, 10)
+    builders = method.rollout_prompts(sample, 4, progress, seed=7)
+    layouts = [b.build(sample.sample_id, sample.dataset) for b in builders]
+    carried = [layout.embeddings for layout in layouts]
+    assert [len(slots) for slots in carried] == [1] * prefixed + [0] * (4 - prefixed)
+    for draw, slots in enumerate(carried[:prefixed]):
+        z = draw_normal(sample.key, draw, 7, (8, method.config.latent_size), "rl")
+        with torch.no_grad():
+            expected = method.vae.decode(z).reshape(-1, method.backbone.hidden_size)
+        torch.testing.assert_close(slots[0].vectors, expected)
+    if prefixed >= 2:
+        assert not torch.allclose(carried[0][0].vectors, carried[1][0].vectors)
+        again = method.rollout_prompts(sample, 4, progress, seed=8)[0].build(sample.sample_id, sample.dataset)
+        assert not torch.allclose(again.embeddings[0].vectors, carried[0][0].vectors)  # fresh z every step
+    free = method.rollout_prompts(sample, 4, progress, seed=7, latents=False)
+    assert all(not b.build(sample.sample_id, sample.dataset).embeddings for b in free)
+
+
 # --- config ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("method", "message"),

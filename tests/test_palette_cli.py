@@ -23,7 +23,14 @@ from latentkit.config import ModelSection
 from latentkit.decoding import SamplingParams
 from latentkit.records import load_split
 
-STEPS = ["train.stages.vae.steps=3", "train.stages.warmup.steps=2", "train.checkpoint_every=2"]
+STEPS = [
+    "train.stages.vae.steps=3",
+    "train.stages.warmup.steps=2",
+    "train.stages.rl.steps=2",
+    "train.rl.num_generations=2",
+    "train.rl.max_completion_length=8",
+    "train.checkpoint_every=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +44,20 @@ def weights(run: Path, stage: str, name: str) -> dict[str, torch.Tensor]:
     return load_file(str(run / "stages" / stage / "final" / name))
 
 
-def test_both_stages_run_with_their_metrics(run):
+def test_the_three_stages_run_with_their_metrics(run):
     logged = [(m["stage"], m["step"]) for m in metrics(run) if "loss" in m]
-    assert logged == [("vae", 1), ("vae", 2), ("vae", 3), ("warmup", 1), ("warmup", 2)]
+    assert logged == [("vae", 1), ("vae", 2), ("vae", 3), ("warmup", 1), ("warmup", 2), ("rl", 1), ("rl", 2)]
+    # Two-phase schedule over 2 steps: every rollout of step 1 (tau = 0) carries a prefix, none of step 2 (0.5).
+    assert [m["prompt_vectors_rate"] for m in metrics(run) if m.get("stage") == "rl" and "loss" in m] == [
+        1.0,
+        0.0,
+    ]
     assert all("recon" in m and "kl" in m for m in metrics(run) if m.get("stage") == "vae" and "loss" in m)
     assert all(m["target_tokens"] > 0 for m in metrics(run) if m.get("stage") == "warmup" and "loss" in m)
     assert (run / "final" / "method_modules.safetensors").is_file()
 
 
-def test_stage_vae_leaves_the_model_untouched_and_warmup_leaves_the_vae(run):
+def test_stage_vae_leaves_the_model_untouched_and_later_stages_leave_the_vae(run):
     # The trainer's start, replayed: seed, backbone, method setup (the observation tags' embedding rows).
     set_seed(0)
     backbone = build_backbone(ModelSection(preset="tiny-causal-lm"))
@@ -60,8 +72,9 @@ def test_stage_vae_leaves_the_model_untouched_and_warmup_leaves_the_vae(run):
     vae_initial = method.modules.state_dict()
     vae_trained = weights(run, "vae", "method_modules.safetensors")
     assert all(not torch.equal(vae_trained[k], vae_initial[k]) for k in vae_initial)
-    vae_after_warmup = weights(run, "warmup", "method_modules.safetensors")
-    assert all(torch.equal(vae_after_warmup[k], vae_trained[k]) for k in vae_trained)
+    for stage in ("warmup", "rl"):  # the VAE is frozen after its own stage, RL included
+        vae_after = weights(run, stage, "method_modules.safetensors")
+        assert all(torch.equal(vae_after[k], vae_trained[k]) for k in vae_trained)
 
 
 def test_the_run_fits_its_domains_and_steering_samples_from_them(run):
@@ -95,7 +108,11 @@ def test_the_trained_run_generates_with_its_prefix_and_fits_a_domain(run, tmp_pa
 
 def test_method_alone_runs_on_its_embedded_default(tmp_path):
     """`--method palette` lays Palette.run_defaults (configs/palette/tiny.yaml) under the command line."""
-    latentkit(*train_args(tmp_path, "alone", "--method", "palette", "train.stages.warmup.steps=2"))
+    latentkit(
+        *train_args(
+            tmp_path, "alone", "--method", "palette", "train.stages.warmup.steps=2", "train.stages.rl.steps=1"
+        )
+    )
     run = tmp_path / "alone"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     shipped = yaml.safe_load(Path("configs/palette/tiny.yaml").read_text())

@@ -273,7 +273,7 @@ def test_builtins_are_the_entry_points_of_latentkit_and_cover_every_method_folde
         assert get_method(name).name == name
     listed = {info.name: info for info in list_methods()}
     assert listed["sft"].stages == ("sft",) and listed["sft"].source == declared["sft"]
-    assert listed["monet"].stages == ("warmup", "distill", "latent") and listed["monet"].error is None
+    assert listed["monet"].stages == ("warmup", "distill", "latent", "vlpo") and listed["monet"].error is None
 
 
 def test_broken_plugins_are_listed_with_their_error_and_do_not_hide_the_others(monkeypatch, tmp_path, capsys):
@@ -307,7 +307,7 @@ def test_broken_plugins_are_listed_with_their_error_and_do_not_hide_the_others(m
     out, err = capsys.readouterr()
     assert exit_info.value.code == 0 and not err
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
-    assert "warmup -> distill -> latent" in lines["monet"]
+    assert "warmup -> distill -> latent -> vlpo" in lines["monet"]
     assert "error: method 'broken'" in lines["broken"] and "failed to import" in lines["broken"]
     with pytest.raises(SystemExit):
         main(["methods", "list", "--json"])

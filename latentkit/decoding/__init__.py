@@ -6,12 +6,20 @@
 from latentkit.decoding.actions import LM_HEAD, Embeddings, Finish, Proposal, Step, Token
 from latentkit.decoding.engine import decode, left_pad, stop_tokens
 from latentkit.decoding.policy import DecodingPolicy, Head, RowView
-from latentkit.decoding.replay import ReplayBatch, replay_forward, replay_inputs, token_log_probs
+from latentkit.decoding.replay import (
+    ContinuousDensity,
+    ReplayBatch,
+    action_log_probs,
+    replay_forward,
+    replay_inputs,
+    token_log_probs,
+)
 from latentkit.decoding.sampling import SamplingParams, policy_log_probs, sample_tokens
 from latentkit.decoding.trajectory import Trajectory
 
 __all__ = [
     "LM_HEAD",
+    "ContinuousDensity",
     "DecodingPolicy",
     "Embeddings",
     "Finish",
@@ -23,6 +31,7 @@ __all__ = [
     "Step",
     "Token",
     "Trajectory",
+    "action_log_probs",
     "decode",
     "left_pad",
     "policy_log_probs",

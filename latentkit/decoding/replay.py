@@ -4,7 +4,7 @@ and policy log-probabilities as at sampling time, now with gradient (for RL loss
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,23 +93,44 @@ def decision_states(
     ]
 
 
+# log-density of fed vectors z [m, D] given the hidden states they were decided from [m, D]: [m]
+ContinuousDensity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def token_log_probs(
     backbone: Backbone, trajectories: Sequence[Trajectory], params: SamplingParams
 ) -> list[torch.Tensor]:
     """Per trajectory [n]: the sampling policy's log-probability of every sampled token (0 at other positions:
     forced tokens, continuous inputs), recomputed with gradient from one replayed forward."""
+    return action_log_probs(backbone, trajectories, params)
+
+
+def action_log_probs(
+    backbone: Backbone,
+    trajectories: Sequence[Trajectory],
+    params: SamplingParams,
+    density: ContinuousDensity | None = None,
+) -> list[torch.Tensor]:
+    """Per trajectory [n], with gradient from one replayed forward: every sampled token's log-probability and,
+    with `density`, every continuous action's log-density `density(z, h)` (z the vector fed, recorded and held
+    constant; h the post-norm hidden state at the position before it, which decided it). 0 at other positions."""
     out, batch = replay_forward(backbone, trajectories)
     results = []
     for trajectory, states in zip(trajectories, decision_states(out, batch, trajectories)):
         ids = torch.tensor(trajectory.input_ids, device=states.device)
-        sampled = torch.tensor(trajectory.is_action, device=states.device) & ~trajectory.is_continuous.to(
-            states.device
-        )
+        actions = torch.tensor(trajectory.is_action, dtype=torch.bool, device=states.device)
+        continuous = trajectory.is_continuous.to(states.device)
+        sampled = actions & ~continuous
         log_probs = torch.zeros(len(trajectory), device=states.device)
         if bool(sampled.any()):
             chosen = policy_log_probs(backbone.logits(states[sampled]), params)
             log_probs = log_probs.index_put(
                 (sampled.nonzero().squeeze(-1),), chosen.gather(-1, ids[sampled, None])[:, 0]
             )
+        latent = actions & continuous
+        if density is not None and bool(latent.any()):
+            where = latent.nonzero().squeeze(-1)
+            fed = torch.stack([trajectory.vectors[int(i)] for i in where]).to(states)
+            log_probs = log_probs.index_put((where,), density(fed, states[latent]).to(log_probs.dtype))
         results.append(log_probs)
     return results

@@ -18,6 +18,7 @@ import torch
 from latentkit.backbone import Backbone
 from latentkit.decoding import DecodingPolicy, Embeddings, Proposal, RowView, Step, Token, Trajectory
 from latentkit.layout import Kind, Layout
+from latentkit.rl.losses import gaussian_logprob
 from latentkit.segments import SampleKey
 
 
@@ -185,7 +186,12 @@ class ContinuousPolicy(Protocol):
 class LatentPolicy(DecodingPolicy):
     """Knobs: `k` latent steps per block (0: the start token is followed at once by the end token), `force` (the first generated token is the start token, so every
     answer uses latents), `stop_at_end` (a block ends early when the model samples the end token), and an
-    `intervention` replacing each latent before the model reads it."""
+    `intervention` replacing each latent before the model reads it.
+
+    Latents as actions (RL): with `action_sigma` set, a latent step's input z is a sample of N(mu, sigma^2 I), mu
+    the hidden state it is fed back from, and each step declares its log-density (`gaussian_logprob`) so the
+    trajectory marks it an action. `sample_actions` feeds z = mu + sigma * eps (eps from `noise_seed`); otherwise
+    the mean itself (log-density 0)."""
 
     tokens: LatentTokens
     k: int
@@ -193,12 +199,20 @@ class LatentPolicy(DecodingPolicy):
     stop_at_end: bool = True
     intervention: Intervention | None = None
     kind: int = int(Kind.LATENT)
+    action_sigma: float | None = None
+    sample_actions: bool = False
+    noise_seed: int = 0
     forced_rows: list[bool] = field(default_factory=list, init=False, repr=False)
     row_keys: list[SampleKey] = field(default_factory=list, init=False, repr=False)
+    noise: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"latent steps per block must be at least 0, got k={self.k}")
+        if self.action_sigma is not None and self.action_sigma <= 0:
+            raise ValueError(f"action_sigma must be > 0, got {self.action_sigma}")
+        if self.sample_actions and self.action_sigma is None:
+            raise ValueError("sample_actions needs action_sigma (the Gaussian the latents are sampled from)")
 
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
@@ -213,6 +227,7 @@ class LatentPolicy(DecodingPolicy):
     def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
         self.forced_rows = [False] * len(prompts)
         self.row_keys = [prompt.key for prompt in prompts]
+        self.noise = torch.Generator().manual_seed(self.noise_seed) if self.sample_actions else None
 
     def decide(self, proposal: Proposal, view: RowView) -> Step:
         trajectory, start = view.trajectory, self.tokens.start
@@ -226,10 +241,16 @@ class LatentPolicy(DecodingPolicy):
         ends_early = self.stop_at_end and open_block > 0 and proposal.token == self.tokens.end
         if open_block == self.k or ends_early:
             return Step(Token(self.tokens.end, forced=not ends_early, kind=self.kind))
-        latent = proposal.hidden
+        latent, log_prob = proposal.hidden, None
+        if self.action_sigma is not None:
+            mean = latent
+            if self.noise is not None:
+                eps = torch.randn(mean.shape, generator=self.noise).to(mean)
+                latent = mean + self.action_sigma * eps
+            log_prob = gaussian_logprob(latent.float(), mean.float(), self.action_sigma)[None]
         if self.intervention is not None:
             latent = self.intervention(latent, open_block, self.row_keys[view.row])
-        return Step(Embeddings(latent[None], self.kind, self.tokens.slot))
+        return Step(Embeddings(latent[None], self.kind, self.tokens.slot, log_prob))
 
     def end(self, trajectories: list[Trajectory]) -> None:
         for row, trajectory in enumerate(trajectories):

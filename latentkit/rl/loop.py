@@ -32,12 +32,13 @@ from latentkit.config import RLSection
 from latentkit.decoding import SamplingParams, Trajectory, decode
 from latentkit.errors import ConfigError
 from latentkit.registry import LossOutput, Method, StageProgress
-from latentkit.rl.losses import aggregate, group_advantages, k3_kl, policy_loss
-from latentkit.rl.rewards import combine_rewards
+from latentkit.rl.losses import aggregate, clip_fraction, group_advantages, k3_kl, policy_loss
+from latentkit.rl.rewards import accuracy_reward, combine_rewards
 from latentkit.segments import Sample
 from latentkit.synth import SYNTH_TASKS
 
 REFILL_SEED = 104_729  # refill prompts come from their own permutation stream, not the step schedule's
+REROLL_SEED = 7_919  # the latent-necessity re-rolls sample from their own stream, not the rollouts'
 
 
 @dataclass
@@ -72,23 +73,46 @@ def scorer_of(sample: Sample, rl: RLSection) -> str:
     return task.scorers[sample.metadata.get("variant", task.default_variant)]
 
 
+def check_scorers(samples: list[Sample], rl: RLSection) -> None:
+    """A one-line ConfigError now if the accuracy reward has no scorer for some dataset of the prompts."""
+    firsts = {sample.dataset: sample for sample in samples}
+    for sample in firsts.values():
+        scorer_of(sample, rl)
+
+
+def decode_group_prompts(
+    method: Method,
+    samples: list[Sample],
+    group: int,
+    params: SamplingParams,
+    progress: StageProgress,
+    latents: bool = True,
+) -> list[Trajectory]:
+    """G trajectories per prompt, consecutive: the method's rollout prompts and policy (`latents=False`: both
+    without the method's latent inputs), decoded without gradient."""
+    prompts = [
+        builder.build(sample.sample_id, sample.dataset)
+        for sample in samples
+        for builder in method.rollout_prompts(sample, group, progress, params.seed, latents)
+    ]
+    with torch.no_grad():
+        return decode(method.backbone, prompts, params, method.rollout_policy(params.seed, latents))
+
+
 def generate_rollouts(
     method: Method,
     samples: list[Sample],
     rl: RLSection,
     params: SamplingParams,
+    progress: StageProgress,
     reference: Backbone | None,
 ) -> Rollouts:
-    """G rollouts per prompt (the g-th with the prompt's g-th draw), scored, with old and reference log-probs."""
+    """G rollouts per prompt, scored, with old and reference log-probs. With the `latent_necessity` reward, each
+    rollout is paired with a re-roll of its prompt with the latents removed (its own seed stream), whose
+    correctness the reward reads as the column `correct_without_latents`."""
     backbone, group = method.backbone, rl.num_generations
     repeated = [sample for sample in samples for _ in range(group)]
-    prompts = [
-        method.prompt(sample, draw).build(sample.sample_id, sample.dataset)
-        for sample in samples
-        for draw in range(group)
-    ]
-    with torch.no_grad():
-        trajectories = decode(backbone, prompts, params, method.decoding_policy())
+    trajectories = decode_group_prompts(method, samples, group, params, progress)
     columns: dict[str, list[Any]] = {
         "answer": [s.answer for s in repeated],
         "choices": [list(s.choices) if s.choices else None for s in repeated],
@@ -98,6 +122,20 @@ def generate_rollouts(
         "latent_blocks": [int(t.extras.get("latent_blocks", 0)) for t in trajectories],
     }
     completions = [t.text for t in trajectories]
+    necessity: dict[str, float] = {}
+    if any(spec.name == "latent_necessity" for spec in rl.rewards):
+        free = decode_group_prompts(
+            method, samples, group, replace(params, seed=params.seed ^ REROLL_SEED), progress, latents=False
+        )
+        verdicts = accuracy_reward(
+            [prompt_text(s) for s in repeated],
+            [t.text for t in free],
+            [t.token_ids for t in free],
+            **{key: columns[key] for key in ("answer", "scorer", "choices", "metadata")},
+        )
+        columns["correct_without_latents"] = [None if v is None else v >= 1.0 for v in verdicts]
+        scored = [v for v in verdicts if v is not None]
+        necessity["accuracy_without_latents"] = sum(scored) / len(scored) if scored else math.nan
     totals, metrics = combine_rewards(
         rl.rewards,
         [prompt_text(s) for s in repeated],
@@ -125,6 +163,8 @@ def generate_rollouts(
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion_length": sum(len(t) for t in trajectories) / len(trajectories),
             "latent_trigger_rate": sum(b > 0 for b in columns["latent_blocks"]) / len(trajectories),
+            "prompt_vectors_rate": sum(bool(t.prompt.embeddings) for t in trajectories) / len(trajectories),
+            **necessity,
             "groups_all_equal": float(
                 sum(bool((rewards[i : i + group] == rewards[i]).all()) for i in range(0, len(rewards), group))
             ),
@@ -176,13 +216,14 @@ def collect_rollouts(
     refill: Any,
     rl: RLSection,
     params: SamplingParams,
+    progress: StageProgress,
     reference: Backbone | None,
 ) -> Rollouts:
     """The step's rollouts; with `dynamic_sampling`, all-equal groups are dropped and `refill(round)` (fresh
     prompts, deterministic per round) tops them up, for at most `max_resample_rounds` rounds. The metrics are the
     first round's (the rewards as sampled), plus the groups dropped and the rounds taken. If no group has an
     advantage after the last round, the first round is kept as it is (its update is zero)."""
-    first = generate_rollouts(method, prompts, rl, params, reference)
+    first = generate_rollouts(method, prompts, rl, params, progress, reference)
     if not rl.dynamic_sampling:
         return first
     group, wanted = rl.num_generations, len(prompts)
@@ -192,7 +233,7 @@ def collect_rollouts(
     while count < wanted and rounds < rl.max_resample_rounds:
         rounds += 1
         more = generate_rollouts(
-            method, refill(rounds), rl, replace(params, seed=params.seed + rounds), reference
+            method, refill(rounds), rl, replace(params, seed=params.seed + rounds), progress, reference
         )
         informative = informative_groups(more, group)
         keep = informative[: wanted - count]
@@ -262,6 +303,12 @@ def rl_loss(method: Method, backbone: Backbone, rollouts: Rollouts, rl: RLSectio
             rl.aggregation,
         )
         metrics = {key: float(value) for key, value in diagnostics.items()}
+        continuous = padded([t.is_continuous.float() for t in rollouts.trajectories], device).bool()
+        for name, where in (("token", mask.bool() & ~continuous), ("latent", mask.bool() & continuous)):
+            fraction = clip_fraction(
+                logp, old, rollouts.advantages.to(device), where, rl.epsilon, rl.epsilon_high
+            )
+            metrics[f"clip_fraction/{name}"] = float(fraction)
         # E[-log p] of the sampled actions: a one-sample estimate of the sampling policy's entropy per action
         metrics["entropy"] = float(-(old * mask).sum() / mask.sum().clamp_min(1))
         if rollouts.ref_log_probs is not None:
@@ -344,12 +391,18 @@ def run_rl_stage(
                 accelerator.num_processes,
             )
 
+        progress = StageProgress(step, train_cfg.steps)
         rollouts = collect_rollouts(
-            run.method, [samples[i] for i in schedule[offset]], refill, rl, params, holder.get("reference")
+            run.method,
+            [samples[i] for i in schedule[offset]],
+            refill,
+            rl,
+            params,
+            progress,
+            holder.get("reference"),
         )
         rolled = time.perf_counter()
         module.train()
-        progress = StageProgress(step, train_cfg.steps)
         updates: dict[str, float] = {}
         for _ in range(rl.num_iterations):
             out = module(rl_loss(run.method, run.backbone, rollouts, rl, params), stage, progress)

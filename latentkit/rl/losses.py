@@ -114,13 +114,25 @@ def policy_loss(
         dual_binds = torch.zeros_like(mask, dtype=torch.bool)
     loss = aggregate(per_position, mask, aggregation)
     with torch.no_grad():
-        clip_binds = ((a > 0) & (ratio > 1.0 + clip_high)) | ((a < 0) & (ratio < 1.0 - clip_low))
         metrics = {
-            "clip_fraction": masked_mean(clip_binds.to(logp.dtype), mask),
+            "clip_fraction": clip_fraction(logp, old_logp, advantages, mask, clip_low, clip_high),
             "dual_clip_fraction": masked_mean(dual_binds.to(logp.dtype), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, metrics
+
+
+def clip_fraction(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float
+) -> Tensor:
+    """The fraction of masked positions where the surrogate's clipped branch binds (A > 0 and ratio > 1 +
+    clip_high, or A < 0 and ratio < 1 - clip_low), detached; `policy_loss`'s `clip_fraction` over any sub-mask
+    (e.g. token and latent positions apart)."""
+    with torch.no_grad():
+        a = advantages.unsqueeze(-1).to(logp.dtype)
+        ratio = torch.exp(logp - old_logp)
+        binds = ((a > 0) & (ratio > 1.0 + clip_high)) | ((a < 0) & (ratio < 1.0 - clip_low))
+        return masked_mean(binds.to(logp.dtype), mask)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

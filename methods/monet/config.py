@@ -51,3 +51,11 @@ class MonetConfig(StrictModel):
     # training never targets a token at the first K-1 slots, so that choice is noise (measured: blocks of 1 latent).
     decode_stop_at_end: bool = False
     decode_force: bool = False  # every answer opens with a latent block
+    # Stage vlpo (an RL stage, settings in `train.rl`): VLPO. A latent step's input z counts as a sample of
+    # N(mu, sigma^2 I), mu the post-norm hidden state it is fed back from, so its ratio joins the token ratios.
+    # Off: the latents are inputs, not actions, which is text-only GRPO (what the released code runs): the ablation.
+    latent_actions: bool = True
+    latent_sigma: float = Field(10.0, gt=0.0)
+    rollout_latents: Literal["mean", "sample"] = (
+        "mean"  # rollouts feed mu (the paper) or z = mu + sigma * eps
+    )

@@ -1,13 +1,16 @@
 """Monet (arXiv 2511.21395): stage `warmup` (interleaved SFT, observation weight x2), stage `distill` (latents
 after each auxiliary image under the controlled mask, aligned to the frozen warm-up model's observation
 representations by latent-only backprop), stage `latent` (from the warm-up weights, auxiliary images replaced
-by latents aligned to the distill model's latents). Decoding: `latentkit.latent.LatentPolicy`.
+by latents aligned to the distill model's latents), stage `vlpo` (RL from the latent model, `latentkit.rl`, with
+latent steps as Gaussian actions). Decoding: `latentkit.latent.LatentPolicy`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from latentkit.methods.monet.channel import latent_conditions, with_aux_correct
@@ -19,14 +22,17 @@ from latentkit.methods.sft.method import sft_loss
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
 from latentkit.checkpoint import METHOD_FILE, load_model_weights, model_fingerprint
+from latentkit.decoding import SamplingParams, Trajectory, action_log_probs
 from latentkit.errors import CheckpointError
 from latentkit.latent import FilledLatents, LatentPolicy, LatentTokens, fill_latents
 from latentkit.latent.fill import Feedback
 from latentkit.layout import Batch, Layout, collate, inputs_embeds, latent_slot_positions
 from latentkit.losses import weighted_next_token_ce
 from latentkit.masks import MaskSpec
-from latentkit.registry import LossOutput, Method, StageContext, StageProgress
+from latentkit.registry import LossOutput, Method, StageContext, StageKind, StageProgress
 from latentkit.representation_cache import RepresentationCache, cache_fingerprint, ensure_cache, fingerprint
+from latentkit.rl.losses import gaussian_logprob
+from latentkit.rl.rewards import MONET_REWARDS
 from latentkit.segments import Sample, SampleKey
 
 TEACHER = "teacher"
@@ -35,7 +41,12 @@ TARGETS = "targets"
 
 class Monet(Method):
     Config = MonetConfig
-    stages = ("warmup", "distill", "latent")
+    stages = ("warmup", "distill", "latent", "vlpo")
+    stage_kinds: ClassVar[dict[str, StageKind]] = {"vlpo": "rl"}
+    # VLPO's rewards: 0.9 accuracy + 0.1 format (the official code's weights).
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "train": {"rl": {"rewards": [spec.model_dump() for spec in MONET_REWARDS]}}
+    }
     config: MonetConfig
 
     def __init__(self, config: MonetConfig):
@@ -279,7 +290,7 @@ class Monet(Method):
                 results.update(latent_conditions(self.backbone, samples, self.config, fill, size))
         return results
 
-    # --- decoding -----------------------------------------------------------------------------------------
+    # --- decoding and VLPO ---------------------------------------------------------------------------------
     def decoding_policy(self) -> LatentPolicy:
         start, slot, end = (self.backbone.token_id(token) for token in self.config.latent_tokens)
         k = self.config.decode_latents or self.config.num_latents
@@ -289,6 +300,27 @@ class Monet(Method):
             force=self.config.decode_force,
             stop_at_end=self.config.decode_stop_at_end,
         )
+
+    def rollout_policy(self, seed: int, latents: bool = True) -> LatentPolicy:
+        """VLPO's rollouts: with `latent_actions`, each latent step declares its Gaussian log-density and feeds
+        the mean or a sample (`rollout_latents`); without latents (the necessity re-roll), blocks of k = 0."""
+        policy = self.decoding_policy()
+        if not latents:
+            return policy.varied(k=0)
+        if not self.config.latent_actions:
+            return policy
+        sample = self.config.rollout_latents == "sample"
+        return replace(policy, action_sigma=self.config.latent_sigma, sample_actions=sample, noise_seed=seed)
+
+    def log_probs(
+        self, backbone: Backbone, trajectories: list[Trajectory], params: SamplingParams
+    ) -> list[torch.Tensor]:
+        """Token log-probs and, with `latent_actions`, each latent's log N(z; mu_theta, sigma^2 I), mu_theta the
+        replayed post-norm hidden state at the position before z (the one that produced it)."""
+        density = (
+            partial(gaussian_logprob, sigma=self.config.latent_sigma) if self.config.latent_actions else None
+        )
+        return action_log_probs(backbone, trajectories, params, density)
 
 
 def cache_mean(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from latentkit.methods.palette.schedules import Schedule
 from pydantic import Field, PositiveInt, model_validator
 
 from latentkit.config import StrictModel
@@ -64,6 +65,10 @@ class PaletteConfig(StrictModel):
     domain_by: str | None = "dataset"
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")
     seeds: PaletteSeeds = PaletteSeeds()
+    # Stage rl (an RL stage, settings in `train.rl`): at progress tau, round(rho(tau) * G) rollouts of each group
+    # get a prefix of `rl_prefix_length` fresh draws of z (the paper's L = 8); the rest roll out without one.
+    rl_schedule: Schedule = "two_phase"
+    rl_prefix_length: int = Field(8, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> PaletteConfig:

@@ -3,14 +3,17 @@
 prior, so the model stays responsive to z. At inference the prompt carries p = [D(z_1), ..., D(z_L)] right after
 the question's last image (or opening the user turn), each prompt of a sample with its own z.
 
-RL (a later stage kind) reuses this: a rollout's prompt layout holds its prefix vectors in its embedding slot, so
-its trajectory replays and recomputes log-probs under that same prefix (`latentkit.decoding.replay`); and
-`stage_freeze` keeps the VAE (module group `method`) frozen in every stage but `vae`, RL stages included.
+Stage `rl` (`latentkit.rl`, GRPO or RLOO by `train.rl.estimator`) explores with the prefixes: at training
+progress tau a fraction rho(tau) of each group's rollouts (`schedules.py`) gets an L = 8 prefix of fresh z. A
+rollout's prompt layout holds its prefix vectors in its embedding slot, so its trajectory replays and recomputes
+log-probs under that same prefix (`latentkit.decoding.replay`); `stage_freeze` keeps the VAE (module group
+`method`) frozen in every stage but `vae`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -19,14 +22,15 @@ from latentkit.methods.palette.config import PaletteConfig
 from latentkit.methods.palette.domain import DomainGaussian, draw_normal, fit_domains
 from latentkit.methods.palette.layout import content_layout, prefixed_layout
 from latentkit.methods.palette.losses import vae_loss, vae_terms
+from latentkit.methods.palette.schedules import palette_rho, prefixed_count
 from latentkit.methods.palette.vae import PaletteVAE, build_vae, mean_embedding
 from torch import Tensor
 
 from latentkit.backbone import Backbone
 from latentkit.errors import ConfigError
-from latentkit.layout import Batch, Layout, collate, inputs_embeds
+from latentkit.layout import Batch, Layout, LayoutBuilder, collate, inputs_embeds
 from latentkit.losses import weighted_next_token_ce
-from latentkit.registry import LossOutput, Method, StageContext, StageProgress
+from latentkit.registry import LossOutput, Method, StageContext, StageKind, StageProgress
 from latentkit.segments import Sample, SampleKey
 
 DOMAINS = "domains"  # stages/vae/domains/<domain>.safetensors
@@ -37,11 +41,22 @@ def embedding_rms(backbone: Backbone) -> float:
     return float(backbone.model.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt())
 
 
+@dataclass(frozen=True)
+class PrefixDraws:
+    """Which z a prefix is decoded from: `length` draws (L), under `seed`, in the random stream `stream`."""
+
+    length: int
+    seed: int
+    stream: str
+
+
 class Palette(Method):
     Config = PaletteConfig
-    stages = ("vae", "warmup")
+    stages = ("vae", "warmup", "rl")
+    stage_kinds: ClassVar[dict[str, StageKind]] = {"rl": "rl"}
     config: PaletteConfig
-    # The embedded default (configs/palette/tiny.yaml): the tiny text model on synth-arith; a short warm-up.
+    # The embedded default (configs/palette/tiny.yaml): the tiny text model on synth-arith; a short warm-up, then
+    # a short RL stage with the exploration schedule.
     run_defaults: ClassVar[dict[str, Any]] = {
         "model": {"preset": "tiny-causal-lm"},
         "data": {"task": "synth-arith"},
@@ -49,6 +64,7 @@ class Palette(Method):
             "stages": {
                 "vae": {"steps": 300, "lr": 1.0e-3},
                 "warmup": {"steps": 10, "lr": 1.0e-3, "warmup_steps": 0, "schedule": "constant"},
+                "rl": {"steps": 20, "batch_size": 4, "lr": 1.0e-4, "warmup_steps": 0, "schedule": "constant"},
             }
         },
     }
@@ -172,27 +188,49 @@ class Palette(Method):
         return draw_normal(key, draw, seed, (count, self.config.latent_size), stream).expand(length, -1)
 
     # --- inference --------------------------------------------------------------------------------------------
-    def prefix_latents(self, key: SampleKey, draw: int) -> Tensor:
-        """z [L, k] (L = test_prefix_length) of a sample's `draw`-th prompt: from the prior N(0, I), or from the
-        domain Gaussian when steering; a pure function of (key, draw, seeds.prefix, domain)."""
-        eps = self._latents(key, draw, self.config.seeds.prefix, "prefix", self.config.test_prefix_length)
+    def prefix_latents(self, key: SampleKey, draw: int, draws: PrefixDraws | None = None) -> Tensor:
+        """z [L, k] of a sample's `draw`-th prompt (L, seed and stream from `draws`; default the inference ones:
+        L = test_prefix_length, seeds.prefix): from the prior N(0, I), or from the domain Gaussian when steering;
+        a pure function of (key, draw, draws, domain)."""
+        draws = draws or self.inference_draws
+        eps = self._latents(key, draw, draws.seed, draws.stream, draws.length)
         return eps if self.domain is None else self.domain.transform(eps)
 
-    def prefix(self, key: SampleKey, draw: int) -> Tensor:
+    def prefix(self, key: SampleKey, draw: int, draws: PrefixDraws | None = None) -> Tensor:
         """The prompt vectors [L * n, d] of a sample's `draw`-th prompt under `method.prefix` (n: vectors per z):
         D(z) (latent), D0(z) with the decoder at initialisation (noise_prefix), or N(0, s^2) vectors with s the
         token embeddings' RMS or `raw_noise_std` (raw_noise)."""
         config, hidden_size = self.config, self.backbone.hidden_size
+        draws = draws or self.inference_draws
         if config.prefix == "raw_noise":
-            shape = (config.test_prefix_length * config.vectors_per_latent, hidden_size)
+            shape = (draws.length * config.vectors_per_latent, hidden_size)
             std = config.raw_noise_std or embedding_rms(self.backbone)
-            return (std * draw_normal(key, draw, config.seeds.prefix, shape, "raw_noise")).to(
-                self.backbone.device
-            )
+            stream = "raw_noise" if draws.stream == "prefix" else f"raw_noise:{draws.stream}"
+            return (std * draw_normal(key, draw, draws.seed, shape, stream)).to(self.backbone.device)
         vae = self.vae if config.prefix == "latent" else self.initial_vae
         with torch.no_grad():
-            vectors = vae.decode(self._to_vae(self.prefix_latents(key, draw)))
+            vectors = vae.decode(self._to_vae(self.prefix_latents(key, draw, draws)))
         return vectors.reshape(-1, hidden_size).float().to(self.backbone.device)
+
+    @property
+    def inference_draws(self) -> PrefixDraws:
+        return PrefixDraws(self.config.test_prefix_length, self.config.seeds.prefix, "prefix")
+
+    def rollout_prompts(
+        self, sample: Sample, group: int, progress: StageProgress, seed: int, latents: bool = True
+    ) -> list[LayoutBuilder]:
+        """RL with the exploration schedule: the first round(rho(tau) * G) rollouts of a group carry an
+        L = `rl_prefix_length` prefix of fresh z (drawn from the step's `seed`), the others none; without
+        latents (the necessity re-roll), none carries a prefix."""
+        config = self.config
+        if not latents or config.prefix == "none":
+            return [self.prompt_with(sample, None) for _ in range(group)]
+        prefixed = prefixed_count(group, palette_rho(progress.fraction, config.rl_schedule))
+        draws = PrefixDraws(config.rl_prefix_length, seed, "rl")
+        return [
+            self.prompt_with(sample, self.prefix(sample.key, draw, draws) if draw < prefixed else None)
+            for draw in range(group)
+        ]
 
     def prompt_embeddings(self, sample: Sample, draw: int = 0) -> Tensor | None:
         """The prefix of this sample's `draw`-th answer: k answers of one sample (latent pass@k) carry k
