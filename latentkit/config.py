@@ -147,6 +147,8 @@ class StageOverrides(StrictModel):
 class TrainSection(StrictModel):
     # run only this stage (its predecessors' outputs must exist in the run directory)
     stage: str | None = None
+    # run the stages up to and including this one (e.g. Monet's SFT stages without its RL stage: until=latent)
+    until: str | None = None
     steps: int = Field(300, gt=0)  # optimizer steps per stage
     batch_size: int = Field(8, gt=0)  # per process, per micro-step
     grad_accum: int = Field(1, gt=0)
@@ -182,8 +184,14 @@ def effective_train(train: TrainSection, stage: str) -> TrainSection:
 def resolve_stages(train: TrainSection, method: str, stages: Sequence[str]) -> TrainSection:
     """Check the stage names in `train`; fill `train.stages` with every stage's effective values (saved with the run)."""
     valid = ", ".join(stages)
-    if train.stage is not None and train.stage not in stages:
-        raise ConfigError(f"train.stage={train.stage!r} is not a stage of {method}: {valid}")
+    for key in ("stage", "until"):
+        if getattr(train, key) not in (None, *stages):
+            raise ConfigError(f"train.{key}={getattr(train, key)!r} is not a stage of {method}: {valid}")
+    if train.stage is not None and train.until is not None:
+        raise ConfigError(
+            f"train.stage={train.stage!r} and train.until={train.until!r} are both set; set one (stage: that stage "
+            "alone; until: every stage up to it)"
+        )
     for name in train.stages:
         if name not in stages:
             raise ConfigError(
@@ -194,6 +202,15 @@ def resolve_stages(train: TrainSection, method: str, stages: Sequence[str]) -> T
         stage: StageOverrides(**effective_train(train, stage).model_dump(include=keys)) for stage in stages
     }
     return train.model_copy(update={"stages": filled})
+
+
+def selected_stages(train: TrainSection, stages: Sequence[str]) -> list[str]:
+    """The stages a run trains, in order: `train.stage` alone, those up to `train.until`, or all."""
+    if train.stage is not None:
+        return [train.stage]
+    if train.until is not None:
+        return list(stages[: list(stages).index(train.until) + 1])
+    return list(stages)
 
 
 class LatentkitConfig(StrictModel):

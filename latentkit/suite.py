@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from latentkit.config import StrictModel, effective_train, read_yaml
+from latentkit.config import StrictModel, effective_train, read_yaml, selected_stages
 from latentkit.errors import ConfigError
 from latentkit.registry import get_method
 
@@ -65,13 +65,12 @@ def run_overrides(suite: Suite, name: str, seed: int, output_dir: Path) -> list[
 
 
 def total_steps(suite: Suite, name: str, output_dir: Path) -> int:
-    """The optimizer steps a (not matched) run takes over all its stages (or its one `train.stage`)."""
+    """The optimizer steps a (not matched) run takes over the stages it trains (`train.stage`, `train.until`)."""
     return config_steps(_config(run_overrides(suite, name, 0, output_dir), suite.runs[name].method))
 
 
 def config_steps(config) -> int:
-    stages = get_method(config.run.method).stages
-    chosen = [config.train.stage] if config.train.stage is not None else list(stages)
+    chosen = selected_stages(config.train, get_method(config.run.method).stages)
     return sum(effective_train(config.train, stage).steps for stage in chosen)
 
 

@@ -34,7 +34,14 @@ from latentkit.checkpoint import (
     save_final,
     set_aside,
 )
-from latentkit.config import LatentkitConfig, TrainSection, effective_train, resolve_stages, save_config
+from latentkit.config import (
+    LatentkitConfig,
+    TrainSection,
+    effective_train,
+    resolve_stages,
+    save_config,
+    selected_stages,
+)
 from latentkit.data import load_training_records
 from latentkit.errors import CheckpointError, ConfigError, DataError, writing
 from latentkit.interrupt import StopRequest, TrainingInterrupted
@@ -123,6 +130,7 @@ def prepare_run_directory(config: LatentkitConfig, resume: bool) -> Path:
 RESUMABLE_TRAIN_KEYS = frozenset(
     {
         "stage",
+        "until",
         "progress",
         "log_every",
         "checkpoint_every",
@@ -262,14 +270,15 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
 
     method_cls = get_method(config.run.method)
     stages = list(method_cls.stages)
-    for stage in stages:
+    config = config.model_copy(update={"train": resolve_stages(config.train, config.run.method, stages)})
+    chosen = selected_stages(config.train, stages)
+    for stage in chosen:
         kind = method_cls.stage_kind(stage)
-        if kind not in STAGE_LOOPS and config.train.stage in (None, stage):
+        if kind not in STAGE_LOOPS:
             raise ConfigError(
                 f"stage {stage!r} of {config.run.method} is a {kind!r} stage and this trainer has loops for "
                 f"{', '.join(STAGE_LOOPS)} stages only; run the other stages with train.stage=..."
             )
-    config = config.model_copy(update={"train": resolve_stages(config.train, config.run.method, stages)})
     precision = {stage: effective_train(config.train, stage).mixed_precision for stage in stages}
     fp16 = [stage for stage in stages if precision[stage] == "fp16"]
     if fp16 and config.train.mixed_precision != "fp16":
@@ -316,7 +325,7 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         )
     if records.skipped and accelerator.is_main_process:
         print(f"skipped {records.skipped} bad records: {dict(records.skip_reasons)}")
-    if any(method_cls.stage_kind(stage) == "rl" for stage in stages if config.train.stage in (None, stage)):
+    if any(method_cls.stage_kind(stage) == "rl" for stage in chosen):
         from latentkit.rl.loop import check_scorers
 
         check_scorers(records.samples, config.train.rl)  # before any stage trains, not hours later
@@ -333,7 +342,7 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         run.evaluator = evaluator(method, config, directory)
     module = accelerator.prepare_model(TrainModule(backbone, method, precision))
     run.trainable = trainable_parameters(backbone, method)
-    selected = [(i, stage) for i, stage in enumerate(stages) if config.train.stage in (None, stage)]
+    selected = [(i, stage) for i, stage in enumerate(stages) if stage in chosen]
     with run.stop:
         for position, (stage_index, stage) in enumerate(selected):
             STAGE_LOOPS[method_cls.stage_kind(stage)](
@@ -345,7 +354,7 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
                     "command plus --resume"
                 )
     if accelerator.is_main_process:
-        last = config.train.stage or stages[-1]
+        last = chosen[-1]
         publish_copy(directory / "stages" / last / "final", directory / "final")
     accelerator.wait_for_everyone()
     accelerator.end_training()

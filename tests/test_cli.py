@@ -92,7 +92,11 @@ def test_unknown_stage_in_stage_settings(capsys, tmp_path):
         capsys, "train", "--method", "monet", f"run.output_dir={tmp_path}", "train.stages.distil.lr=1"
     )
     assert_one_line_error(
-        code, err, "train.stages.distil", "not a stage of monet", "valid stages: warmup, distill, latent"
+        code,
+        err,
+        "train.stages.distil",
+        "not a stage of monet",
+        "valid stages: warmup, distill, latent, vlpo",
     )
     assert not tmp_path.joinpath("monet-tiny-qwen2.5-vl").exists()
 

@@ -11,6 +11,7 @@ from latentkit.config import (
     raw_config,
     resolve_stages,
     save_config,
+    selected_stages,
 )
 from latentkit.errors import ConfigError
 
@@ -140,3 +141,21 @@ def test_bad_stage_overrides(tmp_path):
         resolve_stages(train, "m", ["warmup", "latent"])
     with pytest.raises(ConfigError, match="train.stage='x' is not a stage of m: warmup, latent"):
         resolve_stages(resolve(tmp_path, None, ["train.stage=x"]).train, "m", ["warmup", "latent"])
+    with pytest.raises(ConfigError, match="train.until='x' is not a stage of m: warmup, latent"):
+        resolve_stages(resolve(tmp_path, None, ["train.until=x"]).train, "m", ["warmup", "latent"])
+    with pytest.raises(ConfigError, match="are both set; set one"):
+        resolve_stages(
+            resolve(tmp_path, None, ["train.until=latent", "train.stage=warmup"]).train,
+            "m",
+            ["warmup", "latent"],
+        )
+
+
+def test_selected_stages_are_one_stage_a_prefix_or_all(tmp_path):
+    stages = ["warmup", "distill", "latent", "vlpo"]
+    assert selected_stages(resolve(tmp_path, None, []).train, stages) == stages
+    assert selected_stages(resolve(tmp_path, None, ["train.until=distill"]).train, stages) == [
+        "warmup",
+        "distill",
+    ]
+    assert selected_stages(resolve(tmp_path, None, ["train.stage=latent"]).train, stages) == ["latent"]

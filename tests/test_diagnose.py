@@ -54,7 +54,14 @@ INPUTS = ("image_swap", "image_blank")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
     # Test-time K=2 keeps decoding short; K=2 in the sweep then reuses the forced run.
-    monet = ("--method", "monet", "train.steps=2", "data.synth.n_test=8", "method.decode_latents=2")
+    monet = (
+        "--method",
+        "monet",
+        "train.steps=2",
+        "data.synth.n_test=8",
+        "method.decode_latents=2",
+        "train.until=latent",
+    )
     latentkit(*train_args(out, "m", *monet))
     latentkit(*train_args(out, "s", "train.steps=1"))
     return out

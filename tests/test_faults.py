@@ -515,8 +515,21 @@ def test_progress_false_silences_every_bar_and_nothing_is_deprecated(tmp_path, c
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # Monet loads earlier stages' weights (transformers' "Loading weights" bar) and writes three finals
-        code, _, err = run_cli(capsys, *train_args(tmp_path, "quiet", "--method", "monet", "train.steps=1"))
+        # Monet loads earlier stages' weights (transformers' "Loading weights" bar) and writes four finals
+        code, _, err = run_cli(
+            capsys,
+            *train_args(
+                tmp_path,
+                "quiet",
+                "--method",
+                "monet",
+                "train.steps=1",
+                "train.stages.vlpo.steps=1",
+                "train.stages.vlpo.batch_size=2",
+                "train.rl.num_generations=2",
+                "train.rl.max_completion_length=4",
+            ),
+        )
     assert code == 0, err
     assert not [line for line in err.splitlines() if "it/s" in line or "%|" in line], err
     deprecated = [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]

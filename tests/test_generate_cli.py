@@ -20,7 +20,11 @@ QUESTION = ["--benchmark", "synth-zoom", "--index", "1", "--max-new-tokens", "12
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    latentkit(*train_args(out, "m", "--method", "monet", "train.steps=1", "data.synth.n_test=4"))
+    latentkit(
+        *train_args(
+            out, "m", "--method", "monet", "train.steps=1", "data.synth.n_test=4", "train.until=latent"
+        )
+    )
     latentkit(*train_args(out, "s", "train.steps=1", "data.synth.n_test=4"))
     return out
 

@@ -36,7 +36,7 @@ def test_matched_runs_take_the_reference_total_split_over_their_stages(tmp_path)
                 "runs": {
                     "monet": {
                         "method": "monet",
-                        "overrides": ["train.steps=4", "train.stages.distill.steps=3"],
+                        "overrides": ["train.steps=4", "train.stages.distill.steps=3", "train.until=latent"],
                     },
                     "nocrop": {
                         "method": "sft",
@@ -50,7 +50,7 @@ def test_matched_runs_take_the_reference_total_split_over_their_stages(tmp_path)
     )
     planned = {(name, seed): overrides for name, seed, overrides in plan(suite, tmp_path / "runs")}
     assert len(planned) == 6
-    assert "train.stages.sft.steps=11" in planned[("nocrop", 3)]  # 4 + 3 + 4
+    assert "train.stages.sft.steps=11" in planned[("nocrop", 3)]  # 4 + 3 + 4: the stages up to latent
     assert planned[("curriculum", 0)][-2:] == ["train.stages.crops.steps=6", "train.stages.nocrops.steps=5"]
     assert "run.seed=3" in planned[("monet", 3)] and "run.name=monet-seed3" in planned[("monet", 3)]
     assert matched_steps(7, ("a", "b", "c")) == [

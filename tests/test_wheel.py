@@ -158,5 +158,5 @@ def test_installed_wheel_lists_the_builtin_methods(built, tmp_path):
     assert Path(found["file"]).is_relative_to(target), found["file"]  # the wheel's copy, not the editable one
     assert found["from_wheel"] == ["grpo", "monet", "palette", "sft", "sft-curriculum", "valr"]
     assert found["listed"]["sft"] == [["sft"], "latentkit.methods.sft.method:SFT", None]
-    assert found["listed"]["monet"][0] == ["warmup", "distill", "latent"]
+    assert found["listed"]["monet"][0] == ["warmup", "distill", "latent", "vlpo"]
     assert found["listed"]["valr"][0] == ["sft", "align"]

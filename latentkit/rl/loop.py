@@ -304,13 +304,15 @@ def rl_loss(method: Method, backbone: Backbone, rollouts: Rollouts, rl: RLSectio
         )
         metrics = {key: float(value) for key, value in diagnostics.items()}
         continuous = padded([t.is_continuous.float() for t in rollouts.trajectories], device).bool()
-        for name, where in (("token", mask.bool() & ~continuous), ("latent", mask.bool() & continuous)):
+        tokens = mask.bool() & ~continuous
+        for name, where in (("token", tokens), ("latent", mask.bool() & continuous)):
             fraction = clip_fraction(
                 logp, old, rollouts.advantages.to(device), where, rl.epsilon, rl.epsilon_high
             )
             metrics[f"clip_fraction/{name}"] = float(fraction)
-        # E[-log p] of the sampled actions: a one-sample estimate of the sampling policy's entropy per action
-        metrics["entropy"] = float(-(old * mask).sum() / mask.sum().clamp_min(1))
+        # E[-log p] of the sampled tokens: a one-sample estimate of the sampling policy's entropy per token
+        # (latent densities, known only up to their constant, are left out)
+        metrics["entropy"] = float(-(old * tokens).sum() / tokens.sum().clamp_min(1))
         if rollouts.ref_log_probs is not None:
             kl = aggregate(k3_kl(logp, padded(rollouts.ref_log_probs, device)), mask, rl.aggregation)
             loss = loss + rl.beta * kl

@@ -43,9 +43,21 @@ class Monet(Method):
     Config = MonetConfig
     stages = ("warmup", "distill", "latent", "vlpo")
     stage_kinds: ClassVar[dict[str, StageKind]] = {"vlpo": "rl"}
-    # VLPO's rewards: 0.9 accuracy + 0.1 format (the official code's weights).
+    # VLPO's rewards: 0.9 accuracy + 0.1 format (the official code's weights); on the embedded default
+    # (configs/monet/tiny.yaml) a short stage vlpo of 4 prompts x 8 rollouts per step.
     run_defaults: ClassVar[dict[str, Any]] = {
-        "train": {"rl": {"rewards": [spec.model_dump() for spec in MONET_REWARDS]}}
+        "train": {
+            "rl": {"rewards": [spec.model_dump() for spec in MONET_REWARDS]},
+            "stages": {
+                "vlpo": {
+                    "steps": 100,
+                    "batch_size": 4,
+                    "lr": 1.0e-4,
+                    "warmup_steps": 0,
+                    "schedule": "constant",
+                }
+            },
+        }
     }
     config: MonetConfig
 
