@@ -4,10 +4,16 @@ log N(z; mu, sigma^2 I), the replayed forward recomputes it from the state befor
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
 import torch
+from helpers import REPO, final_weights, latentkit, metrics, train_args
 from test_decoding import make_samples
 
 from latentkit.backbone import Backbone, build_backbone
@@ -164,3 +170,38 @@ def test_clip_fraction_counts_binding_positions_under_a_sub_mask():
     first_column = torch.tensor([[True, False, False], [True, False, False]])
     assert float(clip_fraction(logp, old, advantages, first_column, 0.2, 0.3)) == pytest.approx(1 / 2)
     assert float(clip_fraction(logp, old, advantages, torch.zeros(2, 3, dtype=torch.bool), 0.2, 0.3)) == 0.0
+
+
+@pytest.mark.slow
+def test_a_vlpo_stage_killed_mid_way_resumes_to_the_same_rollouts_and_weights(tmp_path):
+    """SIGKILL during stage vlpo (sampled latents: rollout noise seeded per step), then `--resume`: the steps
+    after the checkpoint roll out what the uninterrupted run did and end at the same weights."""
+    vlpo = [
+        "--method", "monet", "method.num_latents=2", "method.rollout_latents=sample", "train.steps=1",
+        "train.stages.vlpo.steps=8", "train.stages.vlpo.batch_size=2", "train.checkpoint_every=2",
+        "train.rl.num_generations=2", "train.rl.max_completion_length=24", "train.log_every=1",
+    ]  # fmt: skip
+    latentkit(*train_args(tmp_path, "straight", *vlpo))
+    args = train_args(tmp_path, "killed", *vlpo)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL
+    )
+    checkpoint = tmp_path / "killed" / "stages" / "vlpo" / "checkpoints" / "step-00000004"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    latentkit(*args, "--resume")
+    resumed = [m for m in metrics(tmp_path / "killed") if m.get("event") == "resume"]
+    assert resumed and resumed[0]["stage"] == "vlpo" and 4 <= resumed[0]["step"] < 8
+
+    def rollouts(run: str) -> dict[int, tuple[float, float, float]]:
+        logged = [m for m in metrics(tmp_path / run) if m.get("stage") == "vlpo" and "loss" in m]
+        return {m["step"]: (m["reward"], m["completion_length"], m["loss"]) for m in logged}
+
+    straight, killed = rollouts("straight"), rollouts("killed")
+    assert all(killed[step] == straight[step] for step in range(resumed[0]["step"] + 1, 9))
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
