@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -43,3 +46,16 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def kill_when(args: list[str], checkpoint: Path, timeout: float = 300) -> None:
+    """Run the CLI with `args` and SIGKILL it as soon as `checkpoint` exists (mid-run: it must not have ended)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"

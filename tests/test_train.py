@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from helpers import REPO, final_weights, latentkit, metrics, train_args
+from helpers import REPO, final_weights, kill_when, latentkit, metrics, train_args
 
 from latentkit.config import TrainSection
 from latentkit.optim import lr_factor
@@ -40,16 +37,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     latentkit(*train_args(tmp_path, "straight", f"train.steps={steps}", f"train.checkpoint_every={every}"))
 
     args = train_args(tmp_path, "killed", f"train.steps={steps}", f"train.checkpoint_every={every}")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL
-    )
-    checkpoint = tmp_path / "killed" / "stages" / "sft" / "checkpoints" / "step-00000020"
-    deadline = time.time() + 120
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    kill_when(args, tmp_path / "killed" / "stages" / "sft" / "checkpoints" / "step-00000020")
     assert not (tmp_path / "killed" / "final").exists()
 
     latentkit(*args, "--resume")

@@ -4,16 +4,11 @@ log N(z; mu, sigma^2 I), the replayed forward recomputes it from the state befor
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
 import torch
-from helpers import REPO, final_weights, latentkit, metrics, train_args
+from helpers import final_weights, kill_when, latentkit, metrics, train_args
 from test_decoding import make_samples
 
 from latentkit.backbone import Backbone, build_backbone
@@ -183,16 +178,7 @@ def test_a_vlpo_stage_killed_mid_way_resumes_to_the_same_rollouts_and_weights(tm
     ]  # fmt: skip
     latentkit(*train_args(tmp_path, "straight", *vlpo))
     args = train_args(tmp_path, "killed", *vlpo)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "latentkit", *args], cwd=REPO, stderr=subprocess.DEVNULL
-    )
-    checkpoint = tmp_path / "killed" / "stages" / "vlpo" / "checkpoints" / "step-00000004"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    kill_when(args, tmp_path / "killed" / "stages" / "vlpo" / "checkpoints" / "step-00000004")
     latentkit(*args, "--resume")
     resumed = [m for m in metrics(tmp_path / "killed") if m.get("event") == "resume"]
     assert resumed and resumed[0]["stage"] == "vlpo" and 4 <= resumed[0]["step"] < 8
