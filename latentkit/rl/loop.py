@@ -2,7 +2,9 @@
 
     for every step:
         prompts      <- this process's share of the step's prompts (the same schedule as supervised batches)
-        rollouts     <- G trajectories per prompt through the decoding engine, each prompt drawn G times
+        rollouts     <- G trajectories per prompt through the decoding engine, from the method's rollout prompts
+                        and policy (`rollout_prompts`, `rollout_policy`); with `latent_necessity`, re-rolls without
+                        the latents
         rewards      <- the weighted reward functions (TRL's signature) on the completions
         advantages   <- group_advantages(rewards, G, estimator)
         old log-probs, reference log-probs <- the method's `log_probs` hook, without gradient
@@ -60,6 +62,12 @@ def rollout_seed(seed: int, stage_index: int, step: int, process: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed of its own for `purpose` (e.g. a policy's latent noise), unrelated to the token sampler's `seed`."""
+    digest = hashlib.sha256(f"{purpose}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def scorer_of(sample: Sample, rl: RLSection) -> str:
     """The accuracy reward's scorer: `train.rl.scorer`, else the synthetic task's own for its variant."""
     if rl.scorer is not None:
@@ -96,7 +104,8 @@ def decode_group_prompts(
         for builder in method.rollout_prompts(sample, group, progress, params.seed, latents)
     ]
     with torch.no_grad():
-        return decode(method.backbone, prompts, params, method.rollout_policy(params.seed, latents))
+        policy = method.rollout_policy(derived_seed(params.seed, "policy"), latents)
+        return decode(method.backbone, prompts, params, policy)
 
 
 def generate_rollouts(
