@@ -136,6 +136,9 @@ RESUMABLE_TRAIN_KEYS = frozenset(
     }
 )
 
+# `data` keys that change where or how fast records and layouts are prepared, never what is drawn.
+RESUMABLE_DATA_KEYS = frozenset({"cache_dir", "num_proc", "layout_cache_mb"})
+
 
 def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
     import yaml
@@ -143,6 +146,7 @@ def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
     before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
     for loaded in (before, now):
         loaded["train"] = {k: v for k, v in loaded.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+        loaded["data"] = {k: v for k, v in loaded.get("data", {}).items() if k not in RESUMABLE_DATA_KEYS}
     for section in ("run", "model", "data", "train", "method"):
         key = _first_difference(before.get(section), now[section], section)
         if key is not None:
