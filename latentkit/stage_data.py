@@ -109,11 +109,36 @@ class LengthFilter:
     longest: int  # tokens, over every sample (dropped ones included)
 
 
+class LayoutLengths(torch.utils.data.Dataset):
+    """The layout lengths of some of a `LayoutDataset`'s samples, so DataLoader workers can build them."""
+
+    def __init__(self, dataset: LayoutDataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int) -> int:
+        return len(self.dataset.build(self.indices[item]))
+
+
 def sample_lengths(
-    dataset: LayoutDataset, rank: int, world: int, gather: Callable[[list[Any]], list[Any]]
+    dataset: LayoutDataset,
+    rank: int,
+    world: int,
+    gather: Callable[[list[Any]], list[Any]],
+    num_workers: int = 0,
 ) -> list[int]:
-    """Every sample's layout length: each process builds every `world`-th layout, `gather` joins the parts."""
-    mine = [(index, len(dataset.build(index))) for index in range(rank, len(dataset.samples), world)]
+    """Every sample's layout length: each process builds every `world`-th layout (in `num_workers` DataLoader
+    workers, or in-process where they also fill the layout cache), `gather` joins the parts."""
+    indices = range(rank, len(dataset.samples), world)
+    if num_workers:
+        loader = torch.utils.data.DataLoader(
+            LayoutLengths(dataset, indices), batch_size=None, num_workers=num_workers
+        )
+        mine = list(zip(indices, (int(length) for length in loader)))
+    else:
+        mine = [(index, len(dataset.build(index))) for index in indices]
     lengths = [0] * len(dataset.samples)
     for index, length in gather(mine):
         lengths[index] = length
@@ -129,10 +154,11 @@ def stage_order(
     rank: int,
     world: int,
     gather: Callable[[list[Any]], list[Any]],
+    num_workers: int = 0,
 ) -> tuple[SampleOrder, LengthFilter]:
     """The stage's sample order over the samples within `data.max_length`; `step_samples`: samples per optimizer
-    step over all processes (the unit `data.group_by_length` sorts within)."""
-    lengths = sample_lengths(dataset, rank, world, gather)
+    step over all processes (the unit `data.group_by_length` sorts within); `num_workers`: `train.num_workers`."""
+    lengths = sample_lengths(dataset, rank, world, gather, num_workers)
     kept = [index for index, length in enumerate(lengths) if length <= data.max_length]
     if not kept:
         raise DataError(

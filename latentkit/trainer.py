@@ -429,6 +429,7 @@ def _run_stage(
         accelerator.process_index,
         accelerator.num_processes,
         gather_object,
+        train_cfg.num_workers,
     )
     if lengths.dropped:
         accelerator.print(

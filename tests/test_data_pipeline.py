@@ -22,7 +22,7 @@ from latentkit.errors import DataError
 from latentkit.record_cache import META_FILE, CachedSamples, load_cached_records
 from latentkit.records import load_records, record_rules
 from latentkit.sampling import SampleOrder, apportion, mix_weights
-from latentkit.stage_data import LayoutCache, LayoutDataset, layout_bytes
+from latentkit.stage_data import LayoutCache, LayoutDataset, layout_bytes, sample_lengths
 from latentkit.trainer import micro_batch_schedule, sample_indices
 
 
@@ -276,6 +276,28 @@ def test_layouts_are_built_once_and_the_cache_is_bounded(monet_root, sft):
     assert off.method.built[samples[0].sample_id] == 2
 
 
+def test_dataloader_workers_read_the_memory_mapped_samples(monet_root, tmp_path, sft):
+    import torch
+
+    samples = cached(monet_root, tmp_path / "cache").samples
+    dataset = LayoutDataset(samples, sft, "sft", 4096, 0, cache_bytes=1 << 30)
+    dataset.schedule = [[0, 1], [2, 3], [3, 0]]
+    in_process = [dataset[i] for i in range(3)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, collate_fn=lambda b: b)
+    for mine, theirs in zip(in_process, loader, strict=True):
+        assert theirs.keys == mine.keys and torch.equal(theirs.input_ids, mine.input_ids)
+        assert torch.equal(theirs.pixel_values, mine.pixel_values)
+
+
+def test_lengths_built_in_workers_or_striped_over_processes_agree(monet_root, tmp_path, sft):
+    samples = cached(monet_root, tmp_path / "cache").samples
+    dataset = LayoutDataset(samples, sft, "sft", 4096, 0, cache_bytes=1 << 30)
+    direct_lengths = [len(sft.layout(sample, "sft")) for sample in samples]
+    assert sample_lengths(dataset, 0, 1, lambda part: part, num_workers=2) == direct_lengths
+    parts = [[(i, n) for i, n in enumerate(direct_lengths) if i % 2 == 1]]  # what process 1 would send
+    assert sample_lengths(dataset, 0, 2, lambda mine: mine + parts[0]) == direct_lengths
+
+
 def test_a_layout_larger_than_the_bound_is_not_kept(monet_root, sft):
     layout = sft.layout(load_records(monet_root).samples[0], "sft")
     cache = LayoutCache(limit_bytes=layout_bytes(layout) - 1)
@@ -297,7 +319,9 @@ def long_dataset(root: Path) -> Path:
 def test_over_long_samples_are_dropped_and_counted_before_training(tmp_path):
     data = long_dataset(tmp_path / "data")
     common = [f"data.path={data}", "train.steps=3", "data.group_by_length=true"]
-    result = latentkit(*train_args(tmp_path, "filtered", *common, "data.max_length=400"))
+    result = latentkit(
+        *train_args(tmp_path, "filtered", *common, "data.max_length=400", "train.num_workers=1")
+    )
     assert "dropped 2 of 6 samples longer than data.max_length=400" in result.stdout
     (event,) = [m for m in metrics(tmp_path / "filtered") if m.get("event") == "length_filter"]
     assert event["kept"] == 4 and event["dropped"] == 2 and event["longest"] > 400
