@@ -152,7 +152,8 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     from latentkit.data import load_training_records
     from latentkit.optim import build_optimizer, build_scheduler, freeze_and_group, trainable_parameters
     from latentkit.registry import StageProgress, get_method
-    from latentkit.trainer import LayoutDataset, micro_batch_schedule
+    from latentkit.stage_data import LayoutDataset, stage_order
+    from latentkit.trainer import micro_batch_schedule
 
     config = tiny_config(output_dir, total_steps, batch_size)
     train_cfg = config.train
@@ -175,9 +176,16 @@ def run_bare(output_dir: Path, total_steps: int, batch_size: int) -> dict:
     optimizer = build_optimizer(groups, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     trainable = [p for params in groups.values() for p in params]
-    dataset = LayoutDataset(samples, method, stage, config.data.max_length, backbone.tokenizer.pad_token_id)
+    cache_bytes = config.data.layout_cache_mb * 2**20
+    dataset = LayoutDataset(
+        samples, method, stage, config.data.max_length, backbone.tokenizer.pad_token_id, cache_bytes
+    )
+    # As the trainer's stage start: every layout built once (length pre-filter), kept in the layout cache.
+    order, _ = stage_order(
+        dataset, config.data, config.run.seed, stage_index, train_cfg.batch_size, 0, 1, lambda part: part
+    )
     dataset.schedule = micro_batch_schedule(
-        len(samples), config.run.seed, stage_index, 0, train_cfg.steps, train_cfg.batch_size, 1, 0, 1
+        len(samples), config.run.seed, stage_index, 0, train_cfg.steps, train_cfg.batch_size, 1, 0, 1, order
     )
     setup_s = time.perf_counter() - started
     setup_peak = peak_rss_mib()

@@ -70,8 +70,14 @@ class DataSection(StrictModel):
     allow_outside_paths: bool = False  # image paths may point outside the dataset folder
     latent_marker: str = "<abs_vis_token></abs_vis_token>"
     require_observation_after_aux: bool = True
-    max_length: int = Field(2048, gt=8)
+    max_length: int = Field(2048, gt=8)  # longer samples are dropped (and counted) before a stage trains
     limit: int | None = Field(None, gt=0)
+    cache_dir: Path | None = None  # the parsed-record cache; None: <run.output_dir>/.cache/records
+    num_proc: int = Field(1, ge=1)  # processes that parse and validate records when the cache is built
+    # sub-dataset (sub-folder of data.path) -> sampling weight; empty: every sample once per epoch
+    mix: dict[str, Annotated[float, Field(ge=0)]] = {}
+    group_by_length: bool = False  # batch samples of similar length together (less padding)
+    layout_cache_mb: int = Field(1024, ge=0)  # built layouts kept per process for reuse; 0: off
 
 
 class WandbSection(StrictModel):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from latentkit.config import DataSection
-from latentkit.records import RECORD_SUFFIXES, LoadedRecords, load_records, load_split
+from latentkit.record_cache import CachedSamples, load_cached_records
+from latentkit.records import RECORD_SUFFIXES, LoadedRecords, record_rules
+from latentkit.sampling import mix_weights
 from latentkit.synth import get_synth_task
 
 
@@ -34,20 +37,35 @@ def prepare_embedded_data(run_dir: Path, data: DataSection) -> Path:
 def load_training_records(
     data: DataSection, run_dir: Path, on_main_first: Callable[[Callable[[], object]], object]
 ) -> LoadedRecords:
-    """Records of `data.split`; `on_main_first` runs data generation on the main process before the others read."""
-    options = {
-        "on_bad_record": data.on_bad_record,
-        "latent_marker": data.latent_marker,
-        "require_observation_after_aux": data.require_observation_after_aux,
-        "limit": data.limit,
-        "allow_outside_paths": data.allow_outside_paths,
-    }
-    folder_options = {**options, "split": data.split}
+    """Records of `data.split` through the record cache, built once by the main process (after generating the
+    embedded task) while the others wait, then memory-mapped by every process."""
     if data.path is None:
-        root = embedded_data_dir(run_dir, data)
         on_main_first(lambda: prepare_embedded_data(run_dir, data))
-        return load_split(root, data.split, **options)
-    path = Path(data.path)
-    if path.is_dir() and any((path / f"{data.split}{suffix}").is_file() for suffix in RECORD_SUFFIXES):
-        return load_split(path, data.split, **options)
-    return load_records(path, **folder_options)
+        path = embedded_data_dir(run_dir, data)
+    else:
+        path = Path(data.path)
+    split_files = [path / f"{data.split}{suffix}" for suffix in RECORD_SUFFIXES] if path.is_dir() else []
+    path = next((f for f in split_files if f.is_file()), path)  # a folder with <split>.json(l): that file
+    rules = record_rules(
+        path,
+        data.latent_marker,
+        require_observation_after_aux=data.require_observation_after_aux,
+        allow_outside_paths=data.allow_outside_paths,
+    )
+    cache_dir = data.cache_dir if data.cache_dir is not None else run_dir.parent / ".cache" / "records"
+
+    def load() -> LoadedRecords:
+        return load_cached_records(
+            path,
+            rules,
+            cache_dir,
+            split=data.split,
+            on_bad_record=data.on_bad_record,
+            limit=data.limit,
+            num_proc=data.num_proc,
+        )
+
+    loaded = cast(LoadedRecords, on_main_first(load))
+    if data.mix and isinstance(loaded.samples, CachedSamples):  # a bad data.mix fails before any stage starts
+        mix_weights(data.mix, loaded.samples.sources, str(data.path or data.task))
+    return loaded

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,12 +39,12 @@ OnBadRecord = Literal["error", "skip"]
 class LoadedRecords:
     """The samples that loaded, and how many records were skipped for which reason."""
 
-    samples: list[Sample]
+    samples: Sequence[Sample]  # a list, or the memory-mapped `record_cache.CachedSamples`
     skipped: int = 0
     skip_reasons: Counter[str] = field(default_factory=Counter)
 
 
-class _BadRecord(Exception):
+class BadRecord(Exception):
     """One malformed record; turned into a `DataError` (or a skip) by the loader, which knows file and index."""
 
     def __init__(self, reason: str, field_path: str, problem: str, fix: str) -> None:
@@ -53,7 +53,7 @@ class _BadRecord(Exception):
 
 
 @dataclass(frozen=True)
-class _RecordRules:
+class RecordRules:
     latent_marker: str
     observation_open: str
     observation_close: str
@@ -84,37 +84,63 @@ def load_records(
     """
     if on_bad_record not in ("error", "skip"):
         raise DataError(f"data.on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    if limit is not None and limit < 0:
+        raise DataError(f"data.limit must be >= 0, got {limit}")
+    path = Path(path)
+    rules = record_rules(
+        path, latent_marker, observation_tags, require_observation_after_aux, allow_outside_paths
+    )
+    files = record_files(path, split)
+    samples: list[Sample] = []
+    loaded = LoadedRecords(samples=samples)
+    if limit == 0:
+        return loaded
+    for record_file in files:
+        base_dirs = base_dirs_of(record_file, rules)
+        for location, raw in _read_records(record_file, on_bad_record, loaded):
+            try:
+                samples.append(parse_record(raw, record_file, base_dirs, rules))
+            except BadRecord as bad:
+                if on_bad_record == "error":
+                    raise DataError(bad_record_message(record_file, location, bad)) from None
+                loaded.skipped += 1
+                loaded.skip_reasons[bad.reason] += 1
+            if limit is not None and len(samples) >= limit:
+                return loaded
+    return loaded
+
+
+def record_rules(
+    path: Path,
+    latent_marker: str = DEFAULT_LATENT_MARKER,
+    observation_tags: tuple[str, str] = DEFAULT_OBSERVATION_TAGS,
+    require_observation_after_aux: bool = True,
+    allow_outside_paths: bool = False,
+) -> RecordRules:
+    """The checked loader settings for records under `path` (a record file or a dataset folder)."""
     if not latent_marker:
         raise DataError("the latent marker must be a non-empty string (set data.latent_marker)")
     if len(observation_tags) != 2 or not all(observation_tags):
         raise DataError("observation_tags must be two non-empty strings: (open tag, close tag)")
-    if limit is not None and limit < 0:
-        raise DataError(f"data.limit must be >= 0, got {limit}")
     path = Path(path)
     root = Path(os.path.normpath(path.absolute() if path.is_dir() else path.absolute().parent))
-    rules = _RecordRules(
+    return RecordRules(
         latent_marker, *observation_tags, require_observation_after_aux, root, allow_outside_paths
     )
-    record_files = _record_files(path, split)
-    loaded = LoadedRecords(samples=[])
-    if limit == 0:
-        return loaded
-    for record_file in record_files:
-        base_dirs = tuple(dict.fromkeys((record_file.absolute().parent, root)))
-        for location, raw in _read_records(record_file, on_bad_record, loaded):
-            try:
-                loaded.samples.append(_parse_record(raw, record_file, base_dirs, rules))
-            except _BadRecord as bad:
-                if on_bad_record == "error":
-                    raise DataError(
-                        f"{record_file}: {location}: field {bad.field_path}: {bad.problem} "
-                        f"({bad.fix}, or {SKIP_HINT})"
-                    ) from None
-                loaded.skipped += 1
-                loaded.skip_reasons[bad.reason] += 1
-            if limit is not None and len(loaded.samples) >= limit:
-                return loaded
-    return loaded
+
+
+def base_dirs_of(record_file: Path, rules: RecordRules) -> tuple[Path, ...]:
+    """Where a record file's image paths are looked up: its own folder, then the dataset root."""
+    return tuple(dict.fromkeys((record_file.absolute().parent, rules.root)))
+
+
+def bad_record_message(record_file: Path, location: str, bad: BadRecord) -> str:
+    """The one-line error for a bad record: file, record, field, problem and the fix."""
+    return f"{record_file}: {location}: field {bad.field_path}: {bad.problem} ({bad.fix}, or {SKIP_HINT})"
+
+
+def invalid_json_line_message(record_file: Path, location: str, problem: str) -> str:
+    return f"{record_file}: {location}: invalid JSON: {problem} (fix the line, or {SKIP_HINT})"
 
 
 def load_split(root: Path, split: str, **kwargs: Any) -> LoadedRecords:
@@ -161,7 +187,7 @@ def _missing_path_message(path: Path) -> str:
     )
 
 
-def _record_files(path: Path, split: str) -> list[Path]:
+def record_files(path: Path, split: str) -> list[Path]:
     if not path.exists():
         raise DataError(_missing_path_message(path))
     if path.is_file():
@@ -186,10 +212,9 @@ def _record_files(path: Path, split: str) -> list[Path]:
     return files
 
 
-def _read_records(
-    record_file: Path, on_bad_record: OnBadRecord, loaded: LoadedRecords
-) -> Iterator[tuple[str, Any]]:
-    """Yield (location, raw record) pairs; invalid JSON raises, except a bad `.jsonl` line in skip mode."""
+def record_items(record_file: Path) -> Iterator[tuple[str, Any]]:
+    """(location, record) pairs of one file: parsed records of a `.json` array, raw lines of a `.jsonl` file.
+    A file that is not UTF-8 or, for `.json`, not a JSON array raises."""
     try:
         text = record_file.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -211,44 +236,49 @@ def _read_records(
         return
     index = 0
     for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+        if line.strip():
+            yield f"record {index} (line {line_number})", line
+            index += 1
+
+
+def _read_records(
+    record_file: Path, on_bad_record: OnBadRecord, loaded: LoadedRecords
+) -> Iterator[tuple[str, Any]]:
+    """Yield (location, raw record) pairs; invalid JSON raises, except a bad `.jsonl` line in skip mode."""
+    for location, raw in record_items(record_file):
+        if record_file.suffix == ".json":
+            yield location, raw
             continue
-        location = f"record {index} (line {line_number})"
-        index += 1
         try:
-            raw = json.loads(line)
+            raw = json.loads(raw)
         except json.JSONDecodeError as err:
             if on_bad_record == "error":
-                raise DataError(
-                    f"{record_file}: {location}: invalid JSON: {err.msg} (fix the line, or {SKIP_HINT})"
-                ) from None
+                raise DataError(invalid_json_line_message(record_file, location, err.msg)) from None
             loaded.skipped += 1
             loaded.skip_reasons["invalid_json"] += 1
             continue
         yield location, raw
 
 
-def _parse_record(raw: Any, record_file: Path, base_dirs: tuple[Path, ...], rules: _RecordRules) -> Sample:
+def parse_record(raw: Any, record_file: Path, base_dirs: tuple[Path, ...], rules: RecordRules) -> Sample:
     if not isinstance(raw, dict):
-        raise _BadRecord(
+        raise BadRecord(
             "bad_structure", "(record)", "expected a JSON object", 'use {"data": [...], "metadata": {...}}'
         )
     turns = raw.get("data")
     if not isinstance(turns, list) or len(turns) != 3:
-        raise _BadRecord(
+        raise BadRecord(
             "bad_structure", "data", "expected a list of 3 turns", "give system, user and assistant turns"
         )
     metadata = raw.get("metadata")
     if not isinstance(metadata, dict):
-        raise _BadRecord("bad_structure", "metadata", "missing or not an object", "add a metadata object")
+        raise BadRecord("bad_structure", "metadata", "missing or not an object", "add a metadata object")
     sample_id = metadata.get("sample_id")
     if sample_id is None or str(sample_id) == "":
-        raise _BadRecord(
-            "missing_sample_id", "metadata.sample_id", "missing", "give every record a sample_id"
-        )
+        raise BadRecord("missing_sample_id", "metadata.sample_id", "missing", "give every record a sample_id")
     choices = metadata.get("choices")
     if choices is not None and not isinstance(choices, list):
-        raise _BadRecord("bad_structure", "metadata.choices", "expected a list of options", "make it a list")
+        raise BadRecord("bad_structure", "metadata.choices", "expected a list of options", "make it a list")
 
     segments: list[Segment] = []
     for turn_index, (turn, role) in enumerate(zip(turns, TURN_ROLES)):
@@ -272,9 +302,9 @@ def _turn_items(turn: Any, turn_index: int, role: Role) -> list[tuple[str, str, 
     """Validate one turn; return its content as (field path, type, value) triples."""
     where = f"data[{turn_index}]"
     if not isinstance(turn, dict):
-        raise _BadRecord("bad_structure", where, "expected an object with role and content", "fix the turn")
+        raise BadRecord("bad_structure", where, "expected an object with role and content", "fix the turn")
     if turn.get("role") != role:
-        raise _BadRecord(
+        raise BadRecord(
             "wrong_role_order",
             f"{where}.role",
             f"expected role {role!r}, got {turn.get('role')!r}",
@@ -282,13 +312,13 @@ def _turn_items(turn: Any, turn_index: int, role: Role) -> list[tuple[str, str, 
         )
     content = turn.get("content")
     if not isinstance(content, list):
-        raise _BadRecord("bad_structure", f"{where}.content", "expected a list of items", "fix the turn")
+        raise BadRecord("bad_structure", f"{where}.content", "expected a list of items", "fix the turn")
     items = []
     for item_index, item in enumerate(content):
         item_path = f"{where}.content[{item_index}]"
         kind = item.get("type") if isinstance(item, dict) else None
         if kind not in ("text", "image"):
-            raise _BadRecord(
+            raise BadRecord(
                 "unknown_content_type",
                 f"{item_path}.type",
                 f"unknown content type {kind!r}",
@@ -296,27 +326,27 @@ def _turn_items(turn: Any, turn_index: int, role: Role) -> list[tuple[str, str, 
             )
         value = item.get(kind)
         if not isinstance(value, str):
-            raise _BadRecord(
+            raise BadRecord(
                 "bad_structure", f"{item_path}.{kind}", f"a {kind} item needs a string {kind!r}", "add it"
             )
         items.append((item_path, kind, value))
     return items
 
 
-def _resolve_image(item_path: str, relative: str, base_dirs: tuple[Path, ...], rules: _RecordRules) -> Path:
+def _resolve_image(item_path: str, relative: str, base_dirs: tuple[Path, ...], rules: RecordRules) -> Path:
     """The image file `relative` names: inside the dataset root (unless allowed outside), and decodable."""
     field_path = f"{item_path}.image"
     found = [c for c in (Path(os.path.normpath(b / relative)) for b in base_dirs) if c.is_file()]
     inside = [c for c in found if c.is_relative_to(rules.root)]
     if not inside and found and not rules.allow_outside_paths:
-        raise _BadRecord(
+        raise BadRecord(
             "image_outside_root",
             field_path,
             f"{relative} points outside the dataset folder {rules.root}",
             "keep images inside it, or set data.allow_outside_paths=true",
         )
     if not found:
-        raise _BadRecord(
+        raise BadRecord(
             "missing_image", field_path, f"file {relative} not found under {base_dirs[0]}", "fix the path"
         )
     image = (inside or found)[0]
@@ -324,7 +354,7 @@ def _resolve_image(item_path: str, relative: str, base_dirs: tuple[Path, ...], r
         with Image.open(image) as opened:
             opened.verify()  # header and, for PNG, every chunk's checksum; no full decode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _BadRecord(
+        raise BadRecord(
             "bad_image", field_path, f"{image} is not a readable image ({exc})", "replace or remove the file"
         ) from None
     return image
@@ -335,7 +365,7 @@ def _prompt_segments(
     turn_index: int,
     role: Role,
     base_dirs: tuple[Path, ...],
-    rules: _RecordRules,
+    rules: RecordRules,
 ) -> list[Segment]:
     segments = []
     for item_path, kind, value in items:
@@ -343,7 +373,7 @@ def _prompt_segments(
             if value.strip():
                 segments.append(Segment("text", role, text=value))
         elif turn_index == 0:
-            raise _BadRecord(
+            raise BadRecord(
                 "bad_structure",
                 item_path,
                 "images are not allowed in the system turn",
@@ -355,7 +385,7 @@ def _prompt_segments(
 
 
 def _assistant_segments(
-    items: list[tuple[str, str, str]], base_dirs: tuple[Path, ...], rules: _RecordRules
+    items: list[tuple[str, str, str]], base_dirs: tuple[Path, ...], rules: RecordRules
 ) -> list[Segment]:
     marker = rules.latent_marker
     segments: list[Segment] = []
@@ -365,7 +395,7 @@ def _assistant_segments(
         following = items[position + 1] if position + 1 < len(items) else None
         if kind == "image":
             if previous is None or previous[1] != "text" or not previous[2].rstrip().endswith(marker):
-                raise _BadRecord(
+                raise BadRecord(
                     "image_without_marker",
                     item_path,
                     f"assistant image is not preceded by a text item ending in {marker}",
@@ -382,7 +412,7 @@ def _assistant_segments(
         if value.count(marker) > int(ends_with_marker) or (
             ends_with_marker and (following is None or following[1] != "image")
         ):
-            raise _BadRecord(
+            raise BadRecord(
                 "marker_without_image",
                 f"{item_path}.text",
                 f"latent marker {marker} is not followed by an image",
@@ -396,7 +426,7 @@ def _assistant_segments(
     return segments
 
 
-def _split_observations(text: str, field_path: str, rules: _RecordRules) -> list[Segment]:
+def _split_observations(text: str, field_path: str, rules: RecordRules) -> list[Segment]:
     """Split assistant text into text and observation segments; drop blank pieces."""
     open_tag, close_tag = rules.observation_open, rules.observation_close
     pieces: list[tuple[Literal["text", "observation"], str]] = []
@@ -409,7 +439,7 @@ def _split_observations(text: str, field_path: str, rules: _RecordRules) -> list
         inner_start = start + len(open_tag)
         next_open = rest.find(open_tag, inner_start)
         if start < 0 or end < start or (0 <= next_open < end):
-            raise _BadRecord(
+            raise BadRecord(
                 "unbalanced_observation",
                 field_path,
                 f"unbalanced {open_tag}...{close_tag} tags",
@@ -421,13 +451,13 @@ def _split_observations(text: str, field_path: str, rules: _RecordRules) -> list
 
 
 def _check_observations_follow(
-    segments: list[Segment], aux_image_fields: list[tuple[str, int]], rules: _RecordRules
+    segments: list[Segment], aux_image_fields: list[tuple[str, int]], rules: RecordRules
 ) -> None:
     """Each auxiliary image needs an observation before the next auxiliary image (or the end of the turn)."""
     boundaries = [position for _, position in aux_image_fields[1:]] + [len(segments)]
     for (item_path, position), stop in zip(aux_image_fields, boundaries):
         if not any(s.kind == "observation" for s in segments[position + 1 : stop]):
-            raise _BadRecord(
+            raise BadRecord(
                 "missing_observation",
                 item_path,
                 f"no {rules.observation_open}...{rules.observation_close} follows this auxiliary image",

@@ -45,7 +45,7 @@ from latentkit.config import (
 from latentkit.data import load_training_records
 from latentkit.errors import CheckpointError, ConfigError, DataError, writing
 from latentkit.interrupt import StopRequest, TrainingInterrupted
-from latentkit.layout import Batch, Layout, collate
+from latentkit.layout import Batch
 from latentkit.optim import (
     build_optimizer,
     build_scheduler,
@@ -55,7 +55,9 @@ from latentkit.optim import (
     trainable_parameters,
 )
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress, get_method
+from latentkit.sampling import SampleOrder, epoch_permutation
 from latentkit.segments import Sample
+from latentkit.stage_data import LayoutDataset, stage_order
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -142,6 +144,9 @@ RESUMABLE_TRAIN_KEYS = frozenset(
     }
 )
 
+# `data` keys that change where or how fast records and layouts are prepared, never what is drawn.
+RESUMABLE_DATA_KEYS = frozenset({"cache_dir", "num_proc", "layout_cache_mb"})
+
 
 def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
     import yaml
@@ -149,6 +154,7 @@ def _check_same_config(saved: Path, config: LatentkitConfig) -> None:
     before, now = yaml.safe_load(saved.read_text()), config.model_dump(mode="json")
     for loaded in (before, now):
         loaded["train"] = {k: v for k, v in loaded.get("train", {}).items() if k not in RESUMABLE_TRAIN_KEYS}
+        loaded["data"] = {k: v for k, v in loaded.get("data", {}).items() if k not in RESUMABLE_DATA_KEYS}
     for section in ("run", "model", "data", "train", "method"):
         key = _first_difference(before.get(section), now[section], section)
         if key is not None:
@@ -169,31 +175,6 @@ def _first_difference(before: Any, now: Any, key: str) -> str | None:
     return None if before == now else key
 
 
-class LayoutDataset(torch.utils.data.Dataset):
-    """Deterministic micro-batches: item i is micro-batch i of the schedule, already collated."""
-
-    def __init__(self, samples: list[Sample], method: Method, stage: str, max_length: int, pad_id: int):
-        self.samples, self.method, self.stage = samples, method, stage
-        self.max_length, self.pad_id = max_length, pad_id
-        self.schedule: list[list[int]] = []
-
-    def layout(self, index: int) -> Layout:
-        sample = self.samples[index]
-        layout = self.method.layout(sample, self.stage)
-        if len(layout) > self.max_length:
-            raise DataError(
-                f"sample {sample.sample_id}: {len(layout)} tokens exceed data.max_length={self.max_length} "
-                "(raise data.max_length or lower model.image_max_pixels)"
-            )
-        return layout
-
-    def __len__(self) -> int:
-        return len(self.schedule)
-
-    def __getitem__(self, item: int) -> Batch:
-        return collate([self.layout(i) for i in self.schedule[item]], self.pad_id)
-
-
 def sample_indices(num_samples: int, seed: int, stage_index: int, positions: range) -> list[int]:
     """Global sample positions -> dataset indices: a fresh seeded permutation every epoch."""
     permutations: dict[int, list[int]] = {}
@@ -201,8 +182,7 @@ def sample_indices(num_samples: int, seed: int, stage_index: int, positions: ran
     for position in positions:
         epoch, offset = divmod(position, num_samples)
         if epoch not in permutations:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + stage_index * 7919 + epoch)
-            permutations[epoch] = torch.randperm(num_samples, generator=generator).tolist()
+            permutations[epoch] = epoch_permutation(num_samples, seed, stage_index, epoch)
         out.append(permutations[epoch][offset])
     return out
 
@@ -217,14 +197,21 @@ def micro_batch_schedule(
     accum: int,
     rank: int,
     world: int,
+    order: SampleOrder | None = None,
 ) -> list[list[int]]:
-    """This process's micro-batches for steps [start_step, steps): each step draws batch*world*accum samples."""
+    """This process's micro-batches for steps [start_step, steps): each step draws batch*world*accum samples, in
+    `order` (default: every sample once per epoch, shuffled)."""
     per_step = batch_size * world * accum
     schedule = []
     for step in range(start_step, steps):
         for micro in range(accum):
             first = step * per_step + (micro * world + rank) * batch_size
-            schedule.append(sample_indices(num_samples, seed, stage_index, range(first, first + batch_size)))
+            positions = range(first, first + batch_size)
+            schedule.append(
+                sample_indices(num_samples, seed, stage_index, positions)
+                if order is None
+                else order.indices(positions)
+            )
     return schedule
 
 
@@ -441,9 +428,28 @@ def _run_stage(
     if started is None:
         return
     train_cfg, start_step = started.train, started.step
-    dataset = LayoutDataset(
-        samples, run.method, stage, config.data.max_length, run.backbone.tokenizer.pad_token_id
+    from accelerate.utils import gather_object
+
+    pad_id, cache_bytes = run.backbone.tokenizer.pad_token_id, config.data.layout_cache_mb * 2**20
+    dataset = LayoutDataset(samples, run.method, stage, config.data.max_length, pad_id, cache_bytes)
+    step_samples = train_cfg.batch_size * accelerator.num_processes * train_cfg.grad_accum
+    order, lengths = stage_order(
+        dataset,
+        config.data,
+        config.run.seed,
+        stage_index,
+        step_samples,
+        accelerator.process_index,
+        accelerator.num_processes,
+        gather_object,
+        train_cfg.num_workers,
     )
+    if lengths.dropped:
+        accelerator.print(
+            f"stage {stage}: dropped {lengths.dropped} of {len(samples)} samples longer than data.max_length="
+            f"{config.data.max_length} tokens (longest {lengths.longest})"
+        )
+        _log(run, accelerator, {"event": "length_filter", "stage": stage, **vars(lengths)})
     dataset.schedule = micro_batch_schedule(
         len(samples),
         config.run.seed,
@@ -454,6 +460,7 @@ def _run_stage(
         train_cfg.grad_accum,
         accelerator.process_index,
         accelerator.num_processes,
+        order,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -85,7 +85,12 @@ def test_resume_refuses_a_changed_train_value(trained, tmp_path, capsys, change,
 
 def test_resume_allows_changing_how_a_run_is_watched(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
-    code, _, err = run_cli(capsys, *resume_args(run, "train.log_every=3", "train.keep_checkpoints=5"))
+    code, _, err = run_cli(
+        capsys,
+        *resume_args(
+            run, "train.log_every=3", "train.keep_checkpoints=5", "data.num_proc=2", "data.layout_cache_mb=0"
+        ),
+    )
     assert code == 0, err
     assert [m["step"] for m in metrics(run) if m.get("event") == "resume"] == [4]
 

@@ -64,6 +64,7 @@ def test_two_processes_with_gloo(tmp_path):
         [*launch, *args], capture_output=True, text=True, cwd=REPO, check=False, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("record cache:") == 1  # built by the main process, read by the other
     latentkit(
         *train_args(tmp_path, "single", "train.steps=6", "train.checkpoint_every=3", "train.batch_size=2")
     )
