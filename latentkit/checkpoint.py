@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
+from latentkit.distributed import is_sharded, load_state
 from latentkit.errors import CheckpointError, writing
 from latentkit.registry import Method
 
@@ -24,6 +26,7 @@ STATE_FILE = "trainer_state.json"
 METHOD_FILE = "latentkit_method.json"
 METHOD_MODULES_FILE = "method_modules.safetensors"
 MANIFEST_FILE = "manifest.json"
+SHARDED_DIR = "sharded"  # FSDP2 checkpoints: every process's shards of model and optimizer
 _FINGERPRINT_BYTES = 1 << 20
 _HASH_CHUNK = 1 << 24
 _MODEL_FILE_SUFFIXES = frozenset(
@@ -44,9 +47,10 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path) -> None:
-    """Every file's size and sha256, written last: a checkpoint without it never finished saving."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    """Every file's size and sha256 (sub-folders too: the shards), written last: a checkpoint without it never
+    finished saving."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (directory / MANIFEST_FILE).write_text(json.dumps({"files": entries}, indent=1) + "\n")
 
 
@@ -133,7 +137,8 @@ def _load_rng_state(path: Path) -> None:
 def save_checkpoint(
     stage_dir: Path, step: int, accelerator: Any, module: nn.Module, optimizer, scheduler
 ) -> Path:
-    """Every process writes its RNG state into a temp dir; the main process adds the rest and renames it."""
+    """Every process writes its RNG state into a temp dir (and, sharded, its shards of the model and optimizer);
+    the main process adds the rest and renames it."""
     final = checkpoint_dir(stage_dir, step)
     staging = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -143,9 +148,13 @@ def save_checkpoint(
     try:
         with writing(staging):
             _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
+            sharded = is_sharded(module)
+            if sharded:
+                save_sharded(module, optimizer, staging / SHARDED_DIR)
             if accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
-                torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+                if not sharded:
+                    save_model(accelerator.unwrap_model(module), str(staging / "model.safetensors"))
+                    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
                 torch.save(scheduler.state_dict(), staging / "scheduler.pt")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -169,15 +178,54 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
             f"{path} was written by {state['num_processes']} processes; resume it with the same number "
             f"(got {accelerator.num_processes}) so the data order stays the same"
         )
-    load_model(
-        accelerator.unwrap_model(module), str(path / "model.safetensors"), device=str(accelerator.device)
-    )
-    optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
-    )
+    if (path / SHARDED_DIR).is_dir():
+        if not is_sharded(module):
+            raise CheckpointError(
+                f"{path} holds sharded (FSDP2) weights: resume it under the same accelerate config (FSDP)"
+            )
+        load_sharded(module, optimizer, path / SHARDED_DIR)
+    else:
+        if is_sharded(module):
+            raise CheckpointError(
+                f"{path} holds unsharded weights: resume it under the accelerate config it was written with"
+            )
+        load_model(
+            accelerator.unwrap_model(module), str(path / "model.safetensors"), device=str(accelerator.device)
+        )
+        optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location=accelerator.device, weights_only=True)
+        )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _load_rng_state(path / f"rng-{accelerator.process_index}.safetensors")
     return int(state["step"])
+
+
+def save_sharded(module: nn.Module, optimizer: Any, directory: Path) -> None:
+    """Each process writes its shards of the model and optimizer (torch.distributed.checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(module, _torch_optimizer(optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+
+
+def load_sharded(module: nn.Module, optimizer: Any, directory: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    inner = _torch_optimizer(optimizer)
+    model_state, optimizer_state = get_state_dict(module, inner)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(module, inner, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+
+
+def _with_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def prune_checkpoints(stage_dir: Path, keep: int) -> None:
@@ -200,16 +248,26 @@ def publish_copy(source: Path, target: Path) -> None:
     replace_directory(staging, target)
 
 
-def save_final(backbone: Backbone, method: Method, stage: str, target: Path) -> None:
-    """A stage's output: HF-format backbone plus the method's own modules, written atomically."""
+def save_final(
+    backbone: Backbone,
+    method: Method,
+    stage: str,
+    target: Path,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """A stage's output: HF-format backbone plus the method's own modules, written atomically. `weights`: the
+    full state dict of the train module (`model.*`, `method_modules.*`) when the live weights are sharded."""
     staging = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
+    model_state, method_state = None, method.modules.state_dict()
+    if weights is not None:
+        model_state = _with_prefix(weights, "model.")
+        method_state = _with_prefix(weights, "method_modules.")
     with writing(staging):
-        backbone.save(staging)
+        backbone.save(staging, model_state)
         if len(list(method.modules.parameters())) > 0:
             save_file(
-                {k: v.contiguous() for k, v in method.modules.state_dict().items()},
-                str(staging / METHOD_MODULES_FILE),
+                {k: v.contiguous() for k, v in method_state.items()}, str(staging / METHOD_MODULES_FILE)
             )
         (staging / METHOD_FILE).write_text(json.dumps({"method": method.name, "stage": stage}) + "\n")
     replace_directory(staging, target)
@@ -221,7 +279,7 @@ def load_final_weights(module: nn.Module, final_dir: Path) -> None:
         raise CheckpointError(f"{final_dir} is missing: run the stage that writes it first (train.stage=...)")
     load_model_weights(unwrap_lora(module.model), final_dir)
     if (final_dir / METHOD_MODULES_FILE).is_file():
-        module.method_modules.load_state_dict(load_file(str(final_dir / METHOD_MODULES_FILE)))
+        load_state(module.method_modules, load_file(str(final_dir / METHOD_MODULES_FILE)))
 
 
 def model_files(model_dir: Path) -> list[Path]:
@@ -239,7 +297,7 @@ def load_model_weights(model: nn.Module, final_dir: Path) -> None:
     """Copy the HF weights saved in `final_dir` into the live `model` (of the same class)."""
     # from_pretrained undoes any key renaming save_pretrained applied.
     saved = type(model).from_pretrained(final_dir, local_files_only=True, dtype=model.dtype)
-    model.load_state_dict(saved.state_dict())
+    load_state(model, saved.state_dict())
 
 
 def model_fingerprint(model_dir: Path, run_dir: Path | None) -> str:

@@ -168,6 +168,8 @@ class TrainSection(StrictModel):
     schedule: Schedule = "linear"
     max_grad_norm: float | None = 1.0
     mixed_precision: MixedPrecision = "no"
+    # FSDP2: the dtype gradients are reduce-scattered in (the shards and the optimizer stay float32)
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)

@@ -3,8 +3,9 @@
 Run directory (`runs/<name>/`): `config.yaml`, `metrics.jsonl`, `data/` (embedded task), per stage
 `stages/<stage>/checkpoints/step-XXXXXXXX/` and `stages/<stage>/final/`, and `final/` after the last stage.
 Checkpoints are written atomically (temp dir + rename) and hold model, optimizer, scheduler, every process's
-RNG states and the step; the data order is a pure function of (seed, stage, step), so resuming continues the
-exact batch sequence.
+RNG states and the step (under FSDP2 model and optimizer as every process's shards); the data order is a pure
+function of (seed, stage, step), so resuming continues the exact batch sequence. Engines: DDP, or FSDP2 when the
+accelerate launch asks for it (`latentkit.distributed`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentkit.backbone import Backbone, build_backbone
+from latentkit.backbone import Backbone, build_backbone, enable_activation_checkpointing
 from latentkit.checkpoint import (
     latest_checkpoint,
     load_checkpoint_into,
@@ -43,6 +44,17 @@ from latentkit.config import (
     selected_stages,
 )
 from latentkit.data import load_training_records
+from latentkit.distributed import (
+    Engine,
+    check_sharded,
+    engage_fsdp,
+    fsdp_plugin,
+    full_state_dict,
+    full_weights,
+    is_sharded,
+    requested_engine,
+    sharding_report,
+)
 from latentkit.errors import CheckpointError, ConfigError, DataError, writing
 from latentkit.interrupt import StopRequest, TrainingInterrupted
 from latentkit.layout import Batch
@@ -103,6 +115,7 @@ class Run:
     evaluator: Callable[[], dict[str, float]] | None = None  # train.eval_every; main process only
     stop: StopRequest = field(default_factory=StopRequest)  # Ctrl-C: stop after the step
     trainable: list[nn.Parameter] = field(default_factory=list)  # what each stage's train.freeze starts from
+    engine: Engine = "ddp"  # what the accelerate launch asked for
 
 
 def run_name(config: LatentkitConfig) -> str:
@@ -273,6 +286,16 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
             f"train.stages.{fp16[0]}.mixed_precision=fp16 needs train.mixed_precision=fp16 (the loss scaler is made "
             "when the run starts); use bf16 for that stage"
         )
+    engine = requested_engine()
+    if engine == "deepspeed":
+        raise ConfigError(
+            "the accelerate config asks for DeepSpeed, which latentkit's training loop does not drive yet: launch "
+            "with configs/accelerate/fsdp.yaml (FSDP2 shards weights, gradients and optimizer state, like ZeRO-3)"
+        )
+    plugin, checkpointing = None, False
+    if engine == "fsdp2":
+        _check_fsdp_settings(config, precision, {stage: method_cls.stage_kind(stage) for stage in stages})
+        plugin, checkpointing = fsdp_plugin(config.train.mixed_precision, config.train.reduce_dtype)
     directory = prepare_run_directory(config, resume)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without CUDA, torchrun-launched processes use gloo (MULTI_CPU)
@@ -280,7 +303,11 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         log_with="wandb" if config.train.wandb.mode != "disabled" else None,
         project_dir=str(directory),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        fsdp_plugin=plugin,
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
     )
+    if plugin is not None:
+        engage_fsdp(accelerator, plugin)
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(config, directory / "config.yaml")
@@ -288,6 +315,8 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
 
     set_seed(config.run.seed)
     backbone = build_backbone(config.model)
+    if checkpointing and not config.model.gradient_checkpointing:
+        enable_activation_checkpointing(backbone.model)
     method = method_cls(config.method)
     method.setup(backbone)
     method.auxiliaries.to(accelerator.device)
@@ -299,7 +328,7 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     for stage in stages:
         settings = effective_train(config.train, stage)
         check_module_groups(backbone, method, settings.freeze, settings.module_lr)
-    run = Run(config, method, backbone, directory)
+    run = Run(config, method, backbone, directory, engine=engine)
 
     def on_main_first(work):
         with accelerator.main_process_first():
@@ -327,7 +356,9 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         )
     if evaluator is not None and config.train.eval_every is not None and accelerator.is_main_process:
         run.evaluator = evaluator(method, config, directory)
-    module = accelerator.prepare_model(TrainModule(backbone, method, precision))
+    module: nn.Module = TrainModule(backbone, method, precision)
+    if engine == "ddp":  # FSDP2 shards it in the first stage's prepare, with that stage's optimizer
+        module = accelerator.prepare_model(module)
     run.trainable = trainable_parameters(backbone, method)
     selected = [(i, stage) for i, stage in enumerate(stages) if stage in chosen]
     with run.stop:
@@ -347,6 +378,26 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     accelerator.end_training()
     accelerator.print(f"run finished: {directory} (final model in {directory / 'final'})")
     return directory
+
+
+def _check_fsdp_settings(config: LatentkitConfig, precision: dict[str, str], kinds: dict[str, str]) -> None:
+    """What FSDP2 runs cannot do yet: a per-stage compute precision, LoRA, RL stages."""
+    for stage, kind in kinds.items():
+        if kind != "supervised" and config.train.stage in (None, stage):
+            raise ConfigError(
+                f"stage {stage!r} is a {kind!r} stage, which does not run under FSDP yet: run it with DDP "
+                f"(configs/accelerate/ddp.yaml) and train.stage={stage}"
+            )
+    for stage, value in precision.items():
+        if value != config.train.mixed_precision:
+            raise ConfigError(
+                f"train.stages.{stage}.mixed_precision={value} differs from train.mixed_precision="
+                f"{config.train.mixed_precision}: under FSDP the compute precision is one for the run (drop the override)"
+            )
+    if config.model.lora.enabled:
+        raise ConfigError(
+            "model.lora.enabled is not supported under FSDP: train LoRA with DDP (configs/accelerate/ddp.yaml)"
+        )
 
 
 @dataclass
@@ -395,12 +446,17 @@ def start_stage(
         ),
         progress=train_cfg.progress,
     )
-    run.method.prepare_stage(stage, context)
+    with full_weights(module), _run_precision(run, accelerator, stage):  # caches call submodules directly
+        run.method.prepare_stage(stage, context)
 
     freeze = [*frozen_groups(run.backbone, train_cfg.freeze), *run.method.stage_freeze(stage)]
     groups = freeze_and_group(run.backbone, run.method, freeze, train_cfg.module_lr, run.trainable)
-    optimizer = accelerator.prepare_optimizer(build_optimizer(groups, train_cfg))
-    scheduler = build_scheduler(optimizer, train_cfg)
+    optimizer = build_optimizer(groups, train_cfg)
+    if run.engine == "fsdp2":
+        optimizer, scheduler = _prepare_fsdp2(run, accelerator, module, optimizer, train_cfg, stage)
+    else:
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        scheduler = build_scheduler(optimizer, train_cfg)
     if before_resume is not None:
         before_resume()
     start_step = 0
@@ -412,10 +468,42 @@ def start_stage(
     return StageStart(train_cfg, stage_dir, optimizer, scheduler, start_step)
 
 
-def finish_stage(run: Run, accelerator: Any, stage: str, stage_dir: Path) -> None:
+def _prepare_fsdp2(
+    run: Run, accelerator: Any, module: nn.Module, optimizer: Any, train_cfg: TrainSection, stage: str
+) -> tuple[Any, Any]:
+    """Model, optimizer and scheduler through one `accelerator.prepare` (FSDP2 needs them together): the first
+    stage's call shards the module in place; later stages' calls only take their optimizer onto the shards."""
+    first = not is_sharded(module)
+    names = {id(p): name for name, p in module.named_parameters()}
+    trainable = {names[id(p)] for p in run.trainable}
+    prepared, optimizer, scheduler = accelerator.prepare(
+        module, optimizer, build_scheduler(optimizer, train_cfg)
+    )
+    if prepared is not module:
+        raise RuntimeError("accelerate replaced the FSDP2 module instead of sharding it in place")
+    check_sharded(module)
+    run.trainable = [p for name, p in module.named_parameters() if name in trainable]  # the sharded ones
+    if first:
+        _log(run, accelerator, {"event": "sharded", "stage": stage, **sharding_report(module, accelerator)})
+    return optimizer, scheduler
+
+
+def _run_precision(run: Run, accelerator: Any, stage: str):
+    """Under FSDP2 the gathered weights are in the run's compute dtype: the paths outside the training forward
+    run under the same autocast as the loss (inputs stay float32)."""
+    if run.engine != "fsdp2":
+        return nullcontext()
+    return stage_autocast(effective_train(run.config.train, stage).mixed_precision, accelerator.device.type)
+
+
+def finish_stage(
+    run: Run, accelerator: Any, stage: str, stage_dir: Path, module: nn.Module | None = None
+) -> None:
+    """`final/`: the full weights in HF format (gathered from the shards under FSDP2, every process taking part)."""
     accelerator.wait_for_everyone()
+    weights = full_state_dict(module) if module is not None and is_sharded(module) else None
     if accelerator.is_main_process:
-        save_final(run.backbone, run.method, stage, stage_dir / "final")
+        save_final(run.backbone, run.method, stage, stage_dir / "final", weights)
     accelerator.wait_for_everyone()
 
 
@@ -481,7 +569,7 @@ def _run_stage(
         start_step,
         train_cfg,
     )
-    finish_stage(run, accelerator, stage, started.directory)
+    finish_stage(run, accelerator, stage, started.directory, module)
 
 
 def _resume_checkpoint(accelerator: Any, stage_dir: Path) -> Path | None:
@@ -541,7 +629,7 @@ def _loop(
             tokens += int(batch.valid.sum())
         grad_norm = None
         if train_cfg.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+            grad_norm = _full(accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -598,14 +686,23 @@ def _stop_requested(run: Run, accelerator: Any) -> bool:
     return bool(accelerator.reduce(flag, "sum").item() > 0)
 
 
+def _full(value: Any) -> Any:
+    """A DTensor (a gradient norm under FSDP2) as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def _evaluate(run: Run, accelerator: Any, module: nn.Module, stage: str, step: int) -> None:
-    """Greedy accuracy on the eval split, on the main process; the others wait at the barrier."""
-    if run.evaluator is not None:
-        module.eval()
-        metrics = run.evaluator()
-        module.train()
-        _log(run, accelerator, {"stage": stage, "step": step, **metrics})
-    accelerator.wait_for_everyone()
+    """Greedy accuracy on the eval split, on the main process; the others wait at the barrier (under FSDP2 each
+    first gathers the weights, so the main process decodes without collectives)."""
+    with full_weights(module), _run_precision(run, accelerator, stage):
+        if run.evaluator is not None:
+            module.eval()
+            metrics = run.evaluator()
+            module.train()
+            _log(run, accelerator, {"stage": stage, "step": step, **metrics})
+        accelerator.wait_for_everyone()
 
 
 def _log(run: Run, accelerator: Any, record: dict[str, Any]) -> None:

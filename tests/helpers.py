@@ -30,9 +30,15 @@ def train_args(out: Path, name: str, *extra: str) -> list[str]:
     return ["train", f"run.output_dir={out}", f"run.name={name}", *FAST, *extra]
 
 
-def latentkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def latentkit(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess; `env`: variables added to this process's environment."""
     command = [sys.executable, "-m", "latentkit", *args]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
+    environment = {**os.environ, **env} if env else None
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, check=False, timeout=600, env=environment
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"latentkit {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}"
@@ -59,3 +65,25 @@ def kill_when(args: list[str], checkpoint: Path, timeout: float = 300) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_command(accelerate_config: Path, *args: str) -> list[str]:
+    """`accelerate launch` of the CLI on a port of its own (two launches on one port join one process group)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    return [*launch, "--config_file", str(accelerate_config), "-m", "latentkit", *args]
+
+
+def accelerate_launch(accelerate_config: Path, *args: str) -> subprocess.CompletedProcess:
+    command = launch_command(accelerate_config, *args)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"accelerate launch {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result

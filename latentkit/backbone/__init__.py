@@ -30,6 +30,7 @@ __all__ = [
     "ChatFormat",
     "ImageInput",
     "build_backbone",
+    "enable_activation_checkpointing",
     "load_auxiliary_model",
 ]
 
@@ -88,10 +89,14 @@ def build_backbone(section: ModelSection) -> Backbone:
         backbone = _wrap(family, model, tokenizer, section)
         backbone.source = section.preset
     if section.gradient_checkpointing:
-        backbone.model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        enable_activation_checkpointing(backbone.model)
     return backbone
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """HF's per-layer checkpointing, which the latent fill switches off around its KV-cached forwards (a
+    recomputed cached forward would append its keys to the cache a second time)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -211,14 +211,15 @@ class Backbone:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def save(self, path: Path) -> None:
-        """HF format (safetensors weights, config, tokenizer with chat template, processor) plus the family."""
+    def save(self, path: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """HF format (safetensors weights, config, tokenizer with chat template, processor) plus the family;
+        `state_dict`: the model's full weights when the live ones are sharded."""
         path.mkdir(parents=True, exist_ok=True)
-        self._save_model(path)
+        self._save_model(path, state_dict)
         self.tokenizer.save_pretrained(path)
         (path / BACKBONE_FILE).write_text(json.dumps({"family": self.family, "source": self.source}) + "\n")
 
-    def _save_model(self, path: Path) -> None:
+    def _save_model(self, path: Path, state_dict: Mapping[str, torch.Tensor] | None) -> None:
         from latentkit.backbone.lora import save_model
 
-        save_model(self.model, path)
+        save_model(self.model, path, state_dict)

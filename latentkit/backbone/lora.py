@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -27,8 +29,12 @@ def unwrap_lora(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_lora(model) else model
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """Plain HF weights: a LoRA model is merged in a copy (the live model keeps training bit-exactly)."""
+def save_model(model: nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Plain HF weights: a LoRA model is merged in a copy (the live model keeps training bit-exactly);
+    `state_dict` (full weights of a sharded model) is written in place of the live ones."""
+    if state_dict is not None:
+        model.save_pretrained(path, state_dict=dict(state_dict), safe_serialization=True)
+        return
     if is_lora(model):
         model.save_pretrained(path / "adapter")
         model = copy.deepcopy(model).merge_and_unload()

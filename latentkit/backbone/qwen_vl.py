@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -100,10 +101,10 @@ class QwenVLBackbone(Backbone):
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         return mrope_position_ids(input_ids, self.image_token_id, image_grids, self.merge_size)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """Adds the image processor config and the processor class, in the layout of Qwen's own checkpoints:
         transformers builds the video processor from the image processor's config (that needs torchvision)."""
-        super().save(path)
+        super().save(path, state_dict)
         self.image_processor.save_pretrained(path)
         config = {"processor_class": self.processor_class}
         (path / PROCESSOR_FILE).write_text(json.dumps(config, indent=2) + "\n")

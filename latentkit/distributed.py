@@ -1,0 +1,181 @@
+"""Sharded training through accelerate: the engine a launch asked for, FSDP2 on any device (gloo on CPU), and
+the paths outside the training forward (caches, eval, loading and saving weights) on sharded weights.
+
+Under FSDP2 a parameter is a DTensor holding this process's shard. Code that calls submodules directly (the
+backbone's `embed`, a cache's forward, the decoding engine) runs inside `full_weights`, which all-gathers every
+FSDP unit once on every process and keeps it gathered: no collective runs until it exits, so processes may do
+unequal work there (a striped cache, an eval on the main process) without one waiting on another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from latentkit.errors import ConfigError
+
+Engine = Literal["ddp", "fsdp2", "deepspeed"]
+_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def requested_engine() -> Engine:
+    """What `accelerate launch --config_file ...` asked for (accelerate passes its config to the processes)."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "fsdp2"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return "ddp"
+
+
+def fsdp_plugin(mixed_precision: str, reduce_dtype: str) -> tuple[Any, bool]:
+    """The launch's FSDP settings with latentkit's precision policy, and whether it asked for activation
+    checkpointing (applied as the backbone's own, which the latent fill can switch off; see `trainer`)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the fsdp_config of the accelerate config file
+    if plugin.fsdp_version != 2:
+        raise ConfigError(
+            f"the accelerate config asks for FSDP version {plugin.fsdp_version}: latentkit shards with FSDP2 only "
+            "(set fsdp_config.fsdp_version: 2, as configs/accelerate/fsdp.yaml does)"
+        )
+    # fp32 master shards; all-gathered for compute in the run's precision; gradients reduced in `reduce_dtype`.
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=_COMPUTE_DTYPES.get(mixed_precision), reduce_dtype=REDUCE_DTYPES[reduce_dtype]
+    )
+    checkpointing = bool(plugin.activation_checkpointing)
+    plugin.activation_checkpointing = False
+    return plugin, checkpointing
+
+
+def engage_fsdp(accelerator: Any, plugin: Any) -> None:
+    """Run FSDP2 on the process group accelerate made. accelerate picks FSDP on accelerators only and turns a
+    CPU launch into plain data parallelism; FSDP2 itself shards over gloo, so latentkit engages it there too."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+    if not accelerator.is_fsdp2:
+        raise ConfigError(
+            f"the accelerate config asks for FSDP but accelerate set up {state.distributed_type.value}: launch "
+            "with more than one process (num_processes in the accelerate config)"
+        )
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def check_sharded(module: nn.Module) -> None:
+    """A run that asked for FSDP shards, or stops here."""
+    if not is_sharded(module):
+        raise ConfigError(
+            "the accelerate config asks for FSDP but no parameter was sharded: check fsdp_config in the accelerate "
+            "config (fsdp_auto_wrap_policy, fsdp_transformer_layer_cls_to_wrap)"
+        )
+
+
+# The units `full_weights` holds gathered: loading weights inside it reshards them (FSDP's state_dict hooks do,
+# wherever the load starts) and gathers them again afterwards.
+_held: list[nn.Module] = []
+
+
+def sharding_report(module: nn.Module, accelerator: Any) -> dict[str, Any]:
+    """How the parameters are split: counts, DTensors, and the elements each process holds (all take part)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    held = accelerator.gather(torch.tensor([local], device=accelerator.device)).tolist()
+    return {
+        "parameters": len(params),
+        "dtensors": sum(isinstance(p, DTensor) for p in params),
+        "elements": sum(p.numel() for p in params),
+        "elements_per_process": held,
+    }
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def _groups(unit: nn.Module) -> list[Any]:
+    return list(unit._get_fsdp_state()._fsdp_param_groups)
+
+
+@contextmanager
+def full_weights(module: nn.Module) -> Iterator[None]:
+    """Every FSDP unit of `module` gathered for the block (all processes must enter; no-op unsharded).
+
+    Inside, forwards through FSDP units find their parameters gathered and leave them so, hence run no
+    collective. Writes to the gathered parameters are not kept: load weights with `load_state`."""
+    units = _units(module)
+    if not units:
+        yield
+        return
+    # FSDP2 reshards after a forward when a group has a post-forward mesh; None keeps it gathered.
+    saved = {id(g): g.post_forward_mesh_info for u in units for g in _groups(u)}
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    _held.extend(units)
+    try:
+        yield
+    finally:
+        del _held[-len(units) :]
+        for unit in units:
+            for group in _groups(unit):
+                group.post_forward_mesh_info = saved[id(group)]
+            unit.reshard()
+
+
+def load_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`module.load_state_dict(state)` for a full state dict, also into sharded parameters (every process
+    holds `state` and keeps its own shard, no communication) and inside `full_weights` (kept after it)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for unit in _held:
+        for group in _groups(unit):
+            group._to_sharded()  # the sharded parameters are the ones that persist
+    try:
+        live = module.state_dict()
+        missing = sorted(set(live) - set(state))
+        unexpected = sorted(set(state) - set(live))
+        if missing or unexpected:
+            raise RuntimeError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, target in live.items():
+                source = state[name].to(device=target.device, dtype=target.dtype)
+                if isinstance(target, DTensor):
+                    shard = distribute_tensor(
+                        source, target.device_mesh, target.placements, src_data_rank=None
+                    )
+                    target.to_local().copy_(shard.to_local())
+                else:
+                    target.copy_(source)
+    finally:
+        for unit in _held:
+            unit.unshard()
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on CPU (all processes take part): on the main process under FSDP2, on every process
+    otherwise; other processes get an empty dict."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
