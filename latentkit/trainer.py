@@ -294,7 +294,7 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
         )
     plugin, checkpointing = None, False
     if engine == "fsdp2":
-        _check_fsdp_settings(config, precision, {stage: method_cls.stage_kind(stage) for stage in stages})
+        _check_fsdp_settings(config, precision, {stage: method_cls.stage_kind(stage) for stage in chosen})
         plugin, checkpointing = fsdp_plugin(config.train.mixed_precision, config.train.reduce_dtype)
     directory = prepare_run_directory(config, resume)
     accelerator = Accelerator(
@@ -381,12 +381,16 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
 
 
 def _check_fsdp_settings(config: LatentkitConfig, precision: dict[str, str], kinds: dict[str, str]) -> None:
-    """What FSDP2 runs cannot do yet: a per-stage compute precision, LoRA, RL stages."""
+    """What FSDP2 runs cannot do yet: a per-stage compute precision, LoRA, RL stages (`kinds`: the stages the
+    run trains)."""
     for stage, kind in kinds.items():
-        if kind != "supervised" and config.train.stage in (None, stage):
+        if kind != "supervised":
+            names = list(kinds)
+            before = names[: names.index(stage)]
+            until = f"train.until={before[-1]}, then " if before else ""
             raise ConfigError(
-                f"stage {stage!r} is a {kind!r} stage, which does not run under FSDP yet: run it with DDP "
-                f"(configs/accelerate/ddp.yaml) and train.stage={stage}"
+                f"stage {stage!r} is a {kind!r} stage, which does not run under FSDP yet: run {until}stage {stage} "
+                f"with DDP (configs/accelerate/ddp.yaml) and train.stage={stage}"
             )
     for stage, value in precision.items():
         if value != config.train.mixed_precision:
