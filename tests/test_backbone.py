@@ -138,6 +138,34 @@ def test_text_backbone_rejects_images():
     backbone = make_backbone("tiny-causal-lm")
     with pytest.raises(ValueError, match="takes no images"):
         backbone.preprocess_image(noise_image(28, 28, seed=0))
+    with pytest.raises(ValueError, match="takes no images"):
+        backbone.vision_features(torch.zeros(4, 1176), torch.tensor([[1, 2, 2]]))
+
+
+def test_pre_projector_features_through_the_models_own_merger_are_its_image_embeddings(vl_backbone):
+    """Per image, the features before the merger: HF's own merger of all of them, in one call, is bit for bit the
+    model's own `get_image_features` (Qwen2.5-VL's tower runs in window order; 112x112 spans several windows)."""
+    sizes = [*IMAGE_SIZES, (84, 112)]
+    images = [vl_backbone.preprocess_image(noise_image(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
+    pixels = torch.cat([image.pixel_values for image in images])
+    grids = torch.tensor([image.grid_thw for image in images])
+    model = vl_backbone.hf_model().model
+    merger = vl_backbone.vision().merger
+    with torch.no_grad():
+        features = vl_backbone.vision_features(pixels, grids)
+        expected = model.get_image_features(pixels, grids).pooler_output
+        width = vl_backbone.vision_feature_size // vl_backbone.merge_size**2
+        merged = merger(torch.cat(features).reshape(-1, width))
+        projected = vl_backbone.project_vision_features(torch.cat(features))
+    assert [f.shape for f in features] == [
+        (image.num_tokens, vl_backbone.vision_feature_size) for image in images
+    ]
+    assert vl_backbone.vision_feature_size == merger.hidden_size
+    assert torch.equal(merged, torch.cat(expected))
+    assert torch.equal(projected, torch.cat(expected))
+    # image by image (a different matrix-product blocking, so to rounding), each to its own embeddings
+    for feature, embedding in zip(features, expected):
+        assert torch.allclose(merger(feature.reshape(-1, width)), embedding, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ALL)

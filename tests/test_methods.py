@@ -14,6 +14,7 @@ from latentkit.backbone import PRESETS, build_backbone
 from latentkit.checkpoint import load_final_weights, save_final
 from latentkit.config import ModelSection
 from latentkit.decoding import SamplingParams
+from latentkit.errors import ConfigError
 from latentkit.eval.answer import answer_samples
 from latentkit.layout import Kind, collate
 from latentkit.optim import freeze_and_group, trainable_parameters
@@ -41,7 +42,12 @@ def test_training_step_reaches_every_trainable_parameter(name, preset, samples, 
     backbone = build_backbone(ModelSection(preset=preset))
     method_cls = get_method(name)
     method = method_cls(method_cls.Config())
-    method.setup(backbone)
+    try:
+        method.setup(backbone)
+    except ConfigError as error:
+        # a method built on image features (latentum) refuses a text-only backbone, in one line
+        assert not backbone.supports_images and "\n" not in str(error), f"{name} on {preset}: {error}"
+        return
     batch_samples = samples[:2] if backbone.supports_images else [text_only(s) for s in samples[:2]]
     every = trainable_parameters(backbone, method)
     module = TrainModule(backbone, method)

@@ -114,6 +114,7 @@ def test_console_script_entry_point(built):
         "valr": "latentkit.methods.valr.method:Valr",
         "palette": "latentkit.methods.palette.method:Palette",
         "grpo": "latentkit.methods.grpo.method:GRPO",
+        "latentum": "latentkit.methods.latentum.method:Latentum",
     }
 
 
@@ -156,7 +157,8 @@ def test_installed_wheel_lists_the_builtin_methods(built, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout)
     assert Path(found["file"]).is_relative_to(target), found["file"]  # the wheel's copy, not the editable one
-    assert found["from_wheel"] == ["grpo", "monet", "palette", "sft", "sft-curriculum", "valr"]
+    assert found["from_wheel"] == ["grpo", "latentum", "monet", "palette", "sft", "sft-curriculum", "valr"]
     assert found["listed"]["sft"] == [["sft"], "latentkit.methods.sft.method:SFT", None]
     assert found["listed"]["monet"][0] == ["warmup", "distill", "latent", "vlpo"]
     assert found["listed"]["valr"][0] == ["sft", "align"]
+    assert found["listed"]["latentum"][0] == ["quantizer"]

@@ -132,6 +132,19 @@ class Backbone:
     def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
 
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per image [image tokens, `vision_feature_size`]: what the projector turns into LM-space embeddings."""
+        raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
+
+    def project_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The projector: pre-projector features [n, `vision_feature_size`] -> LM input embeddings [n, D]."""
+        raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
+
+    @property
+    def vision_feature_size(self) -> int:
+        """The width of one image token's pre-projector features."""
+        raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
+
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Positions of one unpadded sequence: [N] for text LMs, [3, N] (M-RoPE) for Qwen-VL."""
         return torch.arange(input_ids.shape[0])

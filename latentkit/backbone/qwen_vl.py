@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.vision_utils import get_vision_window_index
 
 from latentkit.backbone.base import Backbone, ImageInput
 from latentkit.kernels.dispatch import AttentionBackend
@@ -98,6 +99,32 @@ class QwenVLBackbone(Backbone):
         vision = self.vision()
         return vision(pixel_values.to(vision.dtype), grid_thw=grid_thw).pooler_output
 
+    @property
+    def vision_feature_size(self) -> int:
+        return int(self.vision().merger.hidden_size)  # merge_size**2 patches of the tower's width
+
+    def vision_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per image [image tokens, merge_size**2 * tower width]: the tower's last hidden states before the merger,
+        each image token's merge_size x merge_size patches concatenated, in the LM's token order;
+        `project_vision_features` of them is `encode_images`."""
+        vision = self.vision()
+        patches = vision(pixel_values.to(vision.dtype), grid_thw=grid_thw).last_hidden_state
+        features = self._token_order(patches.reshape(-1, self.vision_feature_size), grid_thw)
+        counts = (grid_thw.prod(-1) // self.merge_size**2).tolist()
+        return list(features.split(counts))
+
+    def _token_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's tower runs its tokens in window order; the merger's output is put back in token order."""
+        vision = self.vision()
+        window_index, _ = get_vision_window_index(
+            grid_thw, vision.spatial_merge_size, vision.window_size, vision.patch_size
+        )
+        return features[torch.argsort(window_index.to(features.device))]
+
+    def project_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        merger = self.vision().merger
+        return merger(features.to(self.vision().dtype).reshape(-1, features.shape[-1] // self.merge_size**2))
+
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         return mrope_position_ids(input_ids, self.image_token_id, image_grids, self.merge_size)
 
@@ -113,3 +140,6 @@ class QwenVLBackbone(Backbone):
 class Qwen2VLBackbone(QwenVLBackbone):
     family: ClassVar[str] = "qwen2_vl"
     processor_class: ClassVar[str] = "Qwen2VLProcessor"
+
+    def _token_order(self, features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        return features  # Qwen2-VL's tower keeps token order

@@ -1,0 +1,50 @@
+"""LatentUM's `method:` config section (spec latentum.md). The public code (SJTU-DENG-Lab/LatentUM) releases no
+quantizer training: the behaviour-KL direction and temperature, the MLP shapes and the EMA/reset settings are knobs
+marked "ours", with the defaults we chose. The defaults are the tiny embedded default's (configs/latentum/tiny.yaml);
+the spec's sizes for a 7B model are latent_size 256 and 8 codebooks x 2048 entries (32-d chunks)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from latentkit.methods.latentum.losses import KLDirection
+from pydantic import Field, PositiveInt, model_validator
+
+from latentkit.config import StrictModel
+
+
+class QuantizerConfig(StrictModel):
+    """Stage `quantizer`: MBAQ trained with the VLM frozen (spec "MBAQ")."""
+
+    latent_size: int = Field(32, gt=0)  # the down MLP's output (256 in the spec)
+    codebooks: int = Field(4, gt=0)  # C, each over latent_size / C dims (8 in the spec)
+    codebook_size: int = Field(64, gt=1)  # N entries per codebook (2048 in the spec)
+    # The hidden width of the down and up MLPs, one hidden layer each (ours); None: the pre-projector feature size.
+    width: PositiveInt | None = None
+    # What the up MLP produces: LLM input embeddings in place of the projector's output (the spec), or pre-projector
+    # features that the frozen projector maps (ours).
+    output: Literal["embeddings", "features"] = "embeddings"
+    commitment: float = Field(0.25, ge=0.0)
+    entropy_weight: float = Field(0.1, ge=0.0)
+    vq_weight: float = Field(1.0, ge=0.0)  # the VQ loss's weight beside the behaviour KL (ours)
+    # The behaviour KL over answer tokens: KL(p_original || p_quantized) (forward) or the reverse, at temperature T.
+    kl_direction: KLDirection = "forward"
+    kl_temperature: float = Field(1.0, gt=0.0)
+    ema_decay: float = Field(0.95, gt=0.0, lt=1.0)  # of each entry's share of assignments (ours)
+    # An entry is dead, and reset to a chunk of the batch, when its EMA share is below dead_threshold / N (ours).
+    dead_threshold: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0  # the quantizer's initial weights
+
+    @model_validator(mode="after")
+    def _chunks(self) -> QuantizerConfig:
+        if self.latent_size % self.codebooks:
+            raise ValueError(
+                f"latent_size={self.latent_size} is not a multiple of codebooks={self.codebooks}; each codebook "
+                "quantizes latent_size / codebooks dims"
+            )
+        return self
+
+
+class LatentumConfig(StrictModel):
+    quantizer: QuantizerConfig = QuantizerConfig()
+    observation_tags: tuple[str, str] = ("<observation>", "</observation>")

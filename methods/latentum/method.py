@@ -1,0 +1,133 @@
+"""LatentUM (arXiv 2604.02097) on the shared Qwen-VL backbone: understanding and generation share one semantic
+latent space, images the model imagines being discrete codes of its own understanding features (spec latentum.md).
+
+Built so far: stage `quantizer` trains MBAQ (`quantizer.py`) with the VLM frozen, on the chat with every image
+(question and auxiliary boards) given as MBAQ's output in place of the projector's. Its loss is the behaviour KL
+over the answer tokens plus the VQ loss (`losses.py`); `quantizer_report` measures agreement, KL, codebook usage
+and perplexity. MBAQ's `encode` (features -> codes) and `decode` (codes -> LLM inputs) are what later stages build
+on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from latentkit.methods.latentum.behaviour import (
+    QuantizerReport,
+    code_statistics,
+    compare_behaviour,
+    quantizer_report,
+)
+from latentkit.methods.latentum.config import LatentumConfig, QuantizerConfig
+from latentkit.methods.latentum.losses import vq_loss
+from latentkit.methods.latentum.quantizer import MBAQ
+
+from latentkit.backbone import Backbone
+from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
+from latentkit.errors import ConfigError
+from latentkit.layout import Batch, Layout, LayoutBuilder, collate
+from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.segments import Sample
+
+
+def build_quantizer(config: QuantizerConfig, backbone: Backbone) -> MBAQ:
+    """MBAQ at its initial weights, a function of `config.seed` alone (the global RNG is left as it was)."""
+    features = backbone.vision_feature_size
+    out = backbone.hidden_size if config.output == "embeddings" else features
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return MBAQ(
+            features,
+            out,
+            config.latent_size,
+            config.width or features,
+            config.codebooks,
+            config.codebook_size,
+            config.ema_decay,
+            config.dead_threshold,
+            config.output,
+        )
+
+
+class Latentum(Method):
+    Config = LatentumConfig
+    stages = ("quantizer",)
+    config: LatentumConfig
+    # The embedded default (configs/latentum/tiny.yaml): the tiny Qwen2.5-VL preset on synth-maze, whose boards are
+    # the images a later stage imagines.
+    run_defaults: ClassVar[dict[str, Any]] = {
+        "model": {"preset": "tiny-qwen2.5-vl"},
+        "data": {"task": "synth-maze"},
+        "train": {"stages": {"quantizer": {"steps": 300, "lr": 1.0e-3}}},
+    }
+
+    def setup(self, backbone: Backbone) -> None:
+        if not backbone.supports_images:
+            raise ConfigError(
+                f"latentum quantizes a vision-language model's image features and the {backbone.family} backbone "
+                "takes none: use a Qwen-VL model (model.preset=tiny-qwen2.5-vl or a Qwen2/2.5-VL model.path)"
+            )
+        super().setup(backbone)
+        backbone.add_tokens(list(self.config.observation_tags))
+        self.modules["quantizer"] = build_quantizer(self.config.quantizer, backbone).to(backbone.device)
+
+    @property
+    def quantizer(self) -> MBAQ:
+        return self.modules["quantizer"]  # type: ignore[return-value]
+
+    def stage_freeze(self, stage: str) -> tuple[str, ...]:
+        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps.
+        return tuple(self.backbone.module_groups()) if stage == "quantizer" else ()
+
+    def layout(self, sample: Sample, stage: str) -> Layout:
+        """The conversation with its auxiliary images inline; the assistant's response tokens are the answer
+        positions the behaviour is compared at."""
+        builder = LayoutBuilder(self.backbone)
+        render_chat(builder, sample, inline_aux_image, ResponseWeights(1.0, self.config.observation_tags))
+        return builder.build(sample.sample_id, sample.dataset)
+
+    def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+        config = self.config.quantizer
+        comparison = compare_behaviour(
+            backbone,
+            self.quantizer,
+            batch,
+            self.mask(batch, stage),
+            config.kl_direction,
+            config.kl_temperature,
+        )
+        quantized = comparison.quantized
+        kl = comparison.kl.mean()
+        vq = vq_loss(
+            quantized.z, quantized.z_q, quantized.sq_distances, config.commitment, config.entropy_weight
+        )
+        usage, perplexity = code_statistics(quantized.codes, config.codebook_size)
+        live = self.quantizer.quantizer.usage >= config.dead_threshold / config.codebook_size
+        metrics = {
+            "kl": float(kl.detach()),
+            "vq": float(vq.detach()),
+            "agreement": float(comparison.agree.float().mean()),
+            "usage": usage,
+            "perplexity": perplexity,
+            "live_entries": float(live.float().mean()),  # by the EMA usage
+            "resets": float(quantized.resets),
+        }
+        return LossOutput(kl + config.vq_weight * vq, metrics)
+
+    def quantizer_report(self, samples: Sequence[Sample], batch_size: int = 8) -> QuantizerReport:
+        """MBAQ's agreement with the unquantized model, mean KL, codebook usage and perplexity on `samples`, with
+        the stage's KL direction and temperature."""
+        pad_id = self.backbone.tokenizer.pad_token_id
+        device = self.backbone.device
+
+        def batches():
+            for start in range(0, len(samples), batch_size):
+                layouts = [self.layout(s, "quantizer") for s in samples[start : start + batch_size]]
+                batch = collate(layouts, pad_id).to(device)
+                yield batch, self.mask(batch, "quantizer")
+
+        config = self.config.quantizer
+        return quantizer_report(
+            self.backbone, self.quantizer, batches(), config.kl_direction, config.kl_temperature
+        )
