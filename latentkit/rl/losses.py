@@ -1,4 +1,4 @@
-"""The GRPO family's losses as pure functions (issue 16, item 3): group advantages (GRPO, RLOO, Dr. GRPO), the
+"""The GRPO family's losses as pure functions: group advantages (GRPO, RLOO, Dr. GRPO), the
 clipped surrogate with dual clip and its aggregations, the k3 KL estimator, and the Gaussian log-density that
 makes a latent input an action (VLPO).
 

@@ -1,4 +1,4 @@
-"""Reasoning Palette's exploration schedules for RL (issue 16, item 5): at training progress tau in [0, 1], rho(tau)
+"""Reasoning Palette's exploration schedules for RL: at training progress tau in [0, 1], rho(tau)
 is the fraction of each group's rollouts that get an L = 8 latent prefix; the rest roll out without one."""
 
 from __future__ import annotations
