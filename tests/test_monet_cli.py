@@ -58,20 +58,20 @@ def test_four_stages_and_their_artifacts(run):
     assert steps == [("warmup", s) for s in (1, 2, 3)] + [("distill", s) for s in (1, 2, 3, 4)] + [
         ("latent", s) for s in (1, 2)
     ] + [("vlpo", s) for s in (1, 2)]
-    # Two warm-up steps: the lr after a stage's first step is its peak lr.
+    # Two warm-up steps: the lr after a stage's first step is its peak lr. Monet's vlpo defaults to a constant 1e-4.
     peak = {m["stage"]: m["lr"] for m in metrics(run) if m.get("step") == 1 and "lr" in m}
     assert peak == {
         "warmup": pytest.approx(2e-3),
         "distill": pytest.approx(2e-3),
         "latent": pytest.approx(5e-4),
-        "vlpo": pytest.approx(2e-3),
+        "vlpo": pytest.approx(1e-4),
     }
     saved = yaml.safe_load((run / "config.yaml").read_text())["train"]["stages"]
     assert {stage: (saved[stage]["steps"], saved[stage]["lr"]) for stage in saved} == {
         "warmup": (3, 2e-3),
         "distill": (4, 2e-3),
         "latent": (2, 5e-4),
-        "vlpo": (2, 2e-3),
+        "vlpo": (2, 1e-4),
     }
     assert all("align" in m for m in metrics(run) if m.get("stage") in ("distill", "latent") and "loss" in m)
     for kind in ("teacher", "targets"):
