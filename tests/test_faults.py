@@ -167,12 +167,17 @@ def test_first_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_pa
 def test_second_ctrl_c_stops_at_once():
     from latentkit.interrupt import StopRequest
 
-    with StopRequest() as stop:
-        signal.raise_signal(signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):
+    # A shell's background job starts with SIGINT ignored; start from Python's own handler whatever ran pytest.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopRequest() as stop:
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_ctrl_c_outside_training_prints_one_line_and_exits_130(capsys, monkeypatch):
