@@ -17,7 +17,15 @@ GROUP_ORDER = ("vision", "embeddings", "lm_head", "method", "language_model")
 
 
 def module_groups(backbone: Backbone, method: Method) -> dict[str, nn.Module]:
-    return {**backbone.module_groups(), "method": method.modules}
+    """The backbone's groups, `method` (every owned module) and `method.<name>` (one owned module)."""
+    owned = {f"method.{name}": module for name, module in method.modules.items()}
+    return {**backbone.module_groups(), "method": method.modules, **owned}
+
+
+def _group_rank(name: str) -> tuple[int, int]:
+    """GROUP_ORDER's rank, a `method.<name>` group just before `method`."""
+    parent, _, child = name.partition(".")
+    return GROUP_ORDER.index(parent), 0 if child else 1
 
 
 def frozen_groups(backbone: Backbone, freeze: list[str] | None) -> list[str]:
@@ -55,7 +63,7 @@ def freeze_and_group(
     check_module_groups(backbone, method, freeze, module_lr)
     groups = module_groups(backbone, method)
     owner: dict[int, str] = {}
-    for name in sorted(groups, key=GROUP_ORDER.index):
+    for name in sorted(groups, key=_group_rank):
         for parameter in groups[name].parameters():
             owner.setdefault(id(parameter), name)
     allowed = {id(p) for p in trainable}
@@ -64,7 +72,7 @@ def freeze_and_group(
             parameter.requires_grad_(id(parameter) in allowed)
     for name in frozen_groups(backbone, freeze):
         for parameter in groups[name].parameters():
-            if owner[id(parameter)] == name:
+            if owner[id(parameter)] in (name, *(child for child in groups if child.startswith(f"{name}."))):
                 parameter.requires_grad_(False)
     by_group: dict[str, list[nn.Parameter]] = {name: [] for name in groups}
     seen: set[int] = set()
@@ -80,7 +88,8 @@ def build_optimizer(groups: dict[str, list[nn.Parameter]], config: TrainSection)
     """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
     param_groups = []
     for name, params in groups.items():
-        lr = config.module_lr.get(name, config.lr)
+        parent = name.partition(".")[0]  # `method.<name>` takes `method`'s lr unless it has its own
+        lr = config.module_lr.get(name, config.module_lr.get(parent, config.lr))
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
         for subset, weight_decay in ((decay, config.weight_decay), (no_decay, 0.0)):

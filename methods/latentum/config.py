@@ -45,6 +45,52 @@ class QuantizerConfig(StrictModel):
         return self
 
 
+class CodeHeadConfig(StrictModel):
+    """The depth head predicting an image position's C sub-codes (spec "Generation"); its shape is ours."""
+
+    width: int = Field(64, gt=0)
+    layers: int = Field(1, gt=0)
+    heads: int = Field(2, gt=0)
+    seed: int = 0  # the head's initial weights
+
+    @model_validator(mode="after")
+    def _heads(self) -> CodeHeadConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not a multiple of heads={self.heads}")
+        return self
+
+
+class GuidanceConfig(StrictModel):
+    """Classifier-free guidance on the code head's logits when sampling codes (spec "Generation")."""
+
+    scale: float = Field(3.0, ge=0.0)
+    temperature: float = Field(0.9, gt=0.0)
+    top_k: int = Field(50, gt=0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+
+
+class LanguageConfig(StrictModel):
+    """Stage `language`: target images read as MBAQ decodes of their codes, a share of them replaced at random."""
+
+    code_noise: float = Field(
+        0.15, ge=0.0, lt=1.0
+    )  # the share of sub-codes replaced by uniform random entries
+    seed: int = 0
+
+
+class VisionConfig(StrictModel):
+    """Stage `vision`: CE on the target images' codes through the generation branch and the code head."""
+
+    # The share of samples whose generation blocks see none of the understanding sequence, so that the head also
+    # learns the unconditional distribution guidance needs (ours: the released example does not say).
+    condition_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
 class LatentumConfig(StrictModel):
     quantizer: QuantizerConfig = QuantizerConfig()
+    code_head: CodeHeadConfig = CodeHeadConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
+    language: LanguageConfig = LanguageConfig()
+    vision: VisionConfig = VisionConfig()
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")

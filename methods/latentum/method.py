@@ -1,11 +1,13 @@
 """LatentUM (arXiv 2604.02097) on the shared Qwen-VL backbone: understanding and generation share one semantic
 latent space, images the model imagines being discrete codes of its own understanding features (spec latentum.md).
 
-Built so far: stage `quantizer` trains MBAQ (`quantizer.py`) with the VLM frozen, on the chat with every image
-(question and auxiliary boards) given as MBAQ's output in place of the projector's. Its loss is the behaviour KL
-over the answer tokens plus the VQ loss (`losses.py`); `quantizer_report` measures agreement, KL, codebook usage
-and perplexity. MBAQ's `encode` (features -> codes) and `decode` (codes -> LLM inputs) are what later stages build
-on."""
+Stages, in order:
+- `quantizer` trains MBAQ (`quantizer.py`) with the VLM frozen, on the chat with every image (question and
+  auxiliary boards) given as MBAQ's output in place of the projector's. Its loss is the behaviour KL over the answer
+  tokens plus the VQ loss (`losses.py`); `quantizer_report` measures agreement, KL, codebook usage and perplexity.
+- `language` (`language.py`) trains the language model to read target images as projector(z_q), some codes noised.
+- `vision` (`vision.py`) trains the generation branch (`mome.py`) and the code head (`code_head.py`) to predict the
+  target images' codes, the understanding branch frozen."""
 
 from __future__ import annotations
 
@@ -19,15 +21,26 @@ from latentkit.methods.latentum.behaviour import (
     compare_behaviour,
     quantizer_report,
 )
-from latentkit.methods.latentum.config import LatentumConfig, QuantizerConfig
+from latentkit.methods.latentum.code_head import CodeHead
+from latentkit.methods.latentum.config import CodeHeadConfig, LatentumConfig, QuantizerConfig
+from latentkit.methods.latentum.language import language_loss
 from latentkit.methods.latentum.losses import vq_loss
+from latentkit.methods.latentum.mome import GenerationExperts, attach_experts
 from latentkit.methods.latentum.quantizer import MBAQ
+from latentkit.methods.latentum.targets import check_quantizer_trained
+from latentkit.methods.latentum.vision import (
+    generation_mask,
+    unconditional_rows,
+    vision_loss,
+    with_generation_blocks,
+)
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
 from latentkit.errors import ConfigError
 from latentkit.layout import Batch, Layout, LayoutBuilder, collate
-from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.masks import MaskSpec
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress
 from latentkit.segments import Sample
 
 
@@ -50,16 +63,40 @@ def build_quantizer(config: QuantizerConfig, backbone: Backbone) -> MBAQ:
         )
 
 
+def build_code_head(config: CodeHeadConfig, quantizer: QuantizerConfig, backbone: Backbone) -> CodeHead:
+    """The code head at its initial weights, a function of `config.seed` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return CodeHead(
+            backbone.hidden_size,
+            quantizer.codebooks,
+            quantizer.codebook_size,
+            config.width,
+            config.layers,
+            config.heads,
+        )
+
+
+# What each stage trains of the method's own modules; the others are frozen there (`stage_freeze`).
+STAGE_MODULES = {"quantizer": ("quantizer",), "language": (), "vision": ("experts", "code_head")}
+
+
 class Latentum(Method):
     Config = LatentumConfig
-    stages = ("quantizer",)
+    stages = ("quantizer", "language", "vision")
     config: LatentumConfig
     # The embedded default (configs/latentum/tiny.yaml): the tiny Qwen2.5-VL preset on synth-maze, whose boards are
     # the images a later stage imagines.
     run_defaults: ClassVar[dict[str, Any]] = {
         "model": {"preset": "tiny-qwen2.5-vl"},
         "data": {"task": "synth-maze"},
-        "train": {"stages": {"quantizer": {"steps": 300, "lr": 1.0e-3}}},
+        "train": {
+            "stages": {
+                "quantizer": {"steps": 30, "lr": 1.0e-3},
+                "language": {"steps": 20, "lr": 1.0e-4},
+                "vision": {"steps": 30, "lr": 1.0e-3},
+            }
+        },
     }
 
     def setup(self, backbone: Backbone) -> None:
@@ -71,23 +108,69 @@ class Latentum(Method):
         super().setup(backbone)
         backbone.add_tokens(list(self.config.observation_tags))
         self.modules["quantizer"] = build_quantizer(self.config.quantizer, backbone).to(backbone.device)
+        layers = backbone.decoder().layers
+        self.modules["experts"] = GenerationExperts(layers)
+        attach_experts(layers, self.experts)
+        head = build_code_head(self.config.code_head, self.config.quantizer, backbone)
+        self.modules["code_head"] = head.to(backbone.device)
 
     @property
     def quantizer(self) -> MBAQ:
         return self.modules["quantizer"]  # type: ignore[return-value]
 
+    @property
+    def experts(self) -> GenerationExperts:
+        return self.modules["experts"]  # type: ignore[return-value]
+
+    @property
+    def code_head(self) -> CodeHead:
+        return self.modules["code_head"]  # type: ignore[return-value]
+
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
-        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps.
-        return tuple(self.backbone.module_groups()) if stage == "quantizer" else ()
+        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; vision: the originals stay frozen
+        # while the generation branch trains; language trains the VLM and none of the method's modules.
+        owned = tuple(f"method.{name}" for name in self.modules if name not in STAGE_MODULES[stage])
+        backbone = tuple(self.backbone.module_groups()) if stage in ("quantizer", "vision") else ()
+        return backbone + owned
+
+    def prepare_stage(self, stage: str, context: StageContext) -> None:
+        if stage in ("language", "vision"):
+            check_quantizer_trained(self.quantizer, stage)
+        if stage == "vision":
+            # spec "MoME": the generation branch starts from the text weights as the language stage left them
+            self.experts.copy_text_weights(self.backbone.decoder().layers)
 
     def layout(self, sample: Sample, stage: str) -> Layout:
-        """The conversation with its auxiliary images inline; the assistant's response tokens are the answer
-        positions the behaviour is compared at."""
+        """The conversation with its auxiliary images inline (the assistant's response tokens are the answer
+        positions); in stage vision followed by the generation blocks of its target images."""
         builder = LayoutBuilder(self.backbone)
         render_chat(builder, sample, inline_aux_image, ResponseWeights(1.0, self.config.observation_tags))
-        return builder.build(sample.sample_id, sample.dataset)
+        layout = builder.build(sample.sample_id, sample.dataset)
+        if stage == "vision":
+            return with_generation_blocks(layout, self.backbone.token_id(self.backbone.chat.vision_start))
+        return layout
+
+    def mask(self, batch: Batch, stage: str) -> MaskSpec:
+        if stage == "vision":
+            return generation_mask(batch, [False] * len(batch.keys))
+        return super().mask(batch, stage)
 
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+        if stage == "language":
+            config = self.config.language
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + progress.step)
+            mask = self.mask(batch, stage)
+            return language_loss(backbone, self.quantizer, batch, mask, config.code_noise, generator)
+        if stage == "vision":
+            config = self.config.vision
+            dropped = unconditional_rows(batch, config.condition_dropout, config.seed, progress.step)
+            trained = [*self.experts.parameters(), *self.code_head.parameters()]
+            return vision_loss(
+                backbone, self.quantizer, self.code_head, batch, generation_mask(batch, dropped), trained
+            )
+        return self._quantizer_loss(backbone, batch, stage)
+
+    def _quantizer_loss(self, backbone: Backbone, batch: Batch, stage: str) -> LossOutput:
         config = self.config.quantizer
         comparison = compare_behaviour(
             backbone,
