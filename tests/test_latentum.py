@@ -243,26 +243,27 @@ def test_tiny_config_is_the_method_default_and_registered():
 # --- end to end --------------------------------------------------------------------------------------------------
 def test_stage_quantizer_end_to_end_and_the_quantizer_loads_back_bit_exact(tmp_path):
     steps = ["train.stages.quantizer.steps=3", "train.checkpoint_every=2", "data.synth.n_train=8"]
-    latentkit(*train_args(tmp_path, "mbaq", "--method", "latentum", *steps))
+    latentkit(*train_args(tmp_path, "mbaq", "--method", "latentum", *steps, "--stage", "quantizer"))
     run = tmp_path / "mbaq"
+    final = run / "stages" / "quantizer" / "final"
     records = [m for m in metrics(run) if m.get("stage") == "quantizer" and "loss" in m]
     assert [m["step"] for m in records] == [1, 2, 3]
     for record in records:
         assert all(math.isfinite(record[k]) for k in ("loss", "kl", "vq", "agreement", "usage", "perplexity"))
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["task"] == "synth-maze" and saved["model"]["preset"] == "tiny-qwen2.5-vl"
-    assert json.loads((run / "final" / "latentkit_method.json").read_text()) == {
+    assert json.loads((final / "latentkit_method.json").read_text()) == {
         "method": "latentum",
         "stage": "quantizer",
     }
-    owned = load_file(str(run / "final" / "method_modules.safetensors"))
+    owned = load_file(str(final / "method_modules.safetensors"))
     assert owned["quantizer.quantizer.codebook"].shape == (4, 64, 8)
     assert float(owned["quantizer.quantizer.usage"].sum()) == pytest.approx(4.0, rel=1e-4)  # EMA shares saved
     checkpoint = load_file(
         str(run / "stages" / "quantizer" / "checkpoints" / "step-00000002" / "model.safetensors")
     )
     assert "method_modules.quantizer.quantizer.usage" in checkpoint  # a resume continues the EMA
-    model = lk.load(run)
+    model = lk.load(final)
     loaded = model.method.modules.state_dict()
     assert loaded.keys() == owned.keys()
     assert all(torch.equal(loaded[k], owned[k]) for k in owned)

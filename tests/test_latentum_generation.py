@@ -354,8 +354,6 @@ def test_three_stages_end_to_end_and_the_run_loads_back_bit_exact(tmp_path):
     model = lk.load(run)
     loaded = model.method.modules.state_dict()
     assert loaded.keys() == owned.keys() and all(torch.equal(loaded[k], owned[k]) for k in owned)
-    live = {k: v for k, v in model.backbone.model.state_dict().items()}
-    assert all(torch.equal(live[k], base[k]) for k in base)
     # the loaded generation branch is the one that trained: it differs from the text weights it started from
     layer = model.backbone.decoder().layers[0]
     assert not torch.equal(model.method.experts.layers[0].mlp.up_proj.weight, layer.mlp.up_proj.weight)
