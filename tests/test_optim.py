@@ -61,3 +61,29 @@ def test_a_later_stage_unfreezes_what_an_earlier_stage_froze(parts):
     }
     assert "embeddings" not in second and not backbone.decoder().embed_tokens.weight.requires_grad
     assert not backbone.lm_head.weight.requires_grad  # never made trainable by a stage
+
+
+def test_an_owned_module_is_a_group_of_its_own_under_method():
+    from torch import nn
+
+    backbone = build_backbone(ModelSection())
+    method_cls = get_method("sft")
+    method = method_cls(method_cls.Config())
+    method.setup(backbone)
+    method.modules["probe"] = nn.Linear(4, 4)
+    method.modules["head"] = nn.Linear(4, 2)
+    every = trainable_parameters(backbone, method)
+    # one owned module frozen, the other trained, at `method`'s lr unless it has its own
+    groups = freeze_and_group(backbone, method, ["vision", "method.probe"], {}, every)
+    assert "method.probe" not in groups and groups["method.head"] == list(method.modules["head"].parameters())
+    assert not any(p.requires_grad for p in method.modules["probe"].parameters())
+    config = TrainSection(lr=0.1, module_lr={"method": 0.5})
+    by_id = {id(p): g["lr"] for g in build_optimizer(groups, config).param_groups for p in g["params"]}
+    assert by_id[id(method.modules["head"].weight)] == 0.5
+    config = TrainSection(lr=0.1, module_lr={"method": 0.5, "method.head": 0.2})
+    by_id = {id(p): g["lr"] for g in build_optimizer(groups, config).param_groups for p in g["params"]}
+    assert by_id[id(method.modules["head"].weight)] == 0.2
+    # freezing `method` still freezes every owned module
+    groups = freeze_and_group(backbone, method, ["vision", "method"], {}, every)
+    assert not any(name.startswith("method") for name in groups)
+    assert not any(p.requires_grad for p in method.modules.parameters())
