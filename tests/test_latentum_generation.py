@@ -283,6 +283,9 @@ def test_stage_vision_trains_the_generation_branch_only(maze):
     assert all(p.grad is None for p in method.quantizer.parameters())
     for module in (method.experts, method.code_head):
         assert all(p.grad is not None and p.grad.isfinite().all() for p in module.parameters())
+    report = method.code_report(maze, batch_size=2)  # conditioned everywhere, in batches of 2
+    assert report.positions == out.metrics["code_positions"] and report.samples == 3
+    assert 0.0 <= report.accuracy <= 1.0 and math.isfinite(report.ce)
 
 
 # --- errors ----------------------------------------------------------------------------------------------------

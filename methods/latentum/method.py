@@ -12,6 +12,7 @@ Stages, in order:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -37,7 +38,7 @@ from latentkit.methods.latentum.vision import (
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
-from latentkit.errors import ConfigError
+from latentkit.errors import ConfigError, DataError
 from latentkit.layout import Batch, Layout, LayoutBuilder, collate
 from latentkit.masks import MaskSpec
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress
@@ -75,6 +76,14 @@ def build_code_head(config: CodeHeadConfig, quantizer: QuantizerConfig, backbone
             config.layers,
             config.heads,
         )
+
+
+@dataclass(frozen=True)
+class CodeReport:
+    accuracy: float  # sub-codes whose top-1 is the true code, teacher-forced
+    ce: float  # mean CE per sub-code
+    positions: int  # image positions predicted (each of C sub-codes)
+    samples: int
 
 
 # What each stage trains of the method's own modules; the others are frozen there (`stage_freeze`).
@@ -197,6 +206,26 @@ class Latentum(Method):
             "resets": float(quantized.resets),
         }
         return LossOutput(kl + config.vq_weight * vq, metrics)
+
+    @torch.no_grad()
+    def code_report(self, samples: Sequence[Sample], batch_size: int = 8) -> CodeReport:
+        """Stage vision's measure on `samples`: the code head's teacher-forced top-1 sub-codes against the target
+        images' true codes (every board's position conditioned on the chat before it), and their CE."""
+        pad_id = self.backbone.tokenizer.pad_token_id
+        correct, ce_sum, positions = 0.0, 0.0, 0
+        for start in range(0, len(samples), batch_size):
+            layouts = [self.layout(s, "vision") for s in samples[start : start + batch_size]]
+            batch = collate(layouts, pad_id).to(self.backbone.device)
+            out = vision_loss(
+                self.backbone, self.quantizer, self.code_head, batch, self.mask(batch, "vision"), []
+            )
+            count = int(out.metrics["code_positions"])
+            correct += out.metrics["code_accuracy"] * count
+            ce_sum += out.metrics["code_ce"] * count
+            positions += count
+        if positions == 0:
+            raise DataError("code_report: the samples have no target images (auxiliary boards) to predict")
+        return CodeReport(correct / positions, ce_sum / positions, positions, len(samples))
 
     def quantizer_report(self, samples: Sequence[Sample], batch_size: int = 8) -> QuantizerReport:
         """MBAQ's agreement with the unquantized model, mean KL, codebook usage and perplexity on `samples`, with
