@@ -243,6 +243,7 @@ def test_tiny_config_is_the_method_default_and_registered():
 # --- end to end --------------------------------------------------------------------------------------------------
 def test_stage_quantizer_end_to_end_and_the_quantizer_loads_back_bit_exact(tmp_path):
     steps = ["train.stages.quantizer.steps=3", "train.checkpoint_every=2", "data.synth.n_train=8"]
+    steps.append("train.until=quantizer")  # stage pixels: tests/test_latentum_pixels.py
     latentkit(*train_args(tmp_path, "mbaq", "--method", "latentum", *steps))
     run = tmp_path / "mbaq"
     records = [m for m in metrics(run) if m.get("stage") == "quantizer" and "loss" in m]

@@ -5,11 +5,13 @@ Built so far: stage `quantizer` trains MBAQ (`quantizer.py`) with the VLM frozen
 (question and auxiliary boards) given as MBAQ's output in place of the projector's. Its loss is the behaviour KL
 over the answer tokens plus the VQ loss (`losses.py`); `quantizer_report` measures agreement, KL, codebook usage
 and perplexity. MBAQ's `encode` (features -> codes) and `decode` (codes -> LLM inputs) are what later stages build
-on."""
+on. Stage `pixels` (`pixels.py`) trains the pixel decoder that draws codes as images (`board_images`), with the VLM
+and MBAQ frozen."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -21,13 +23,25 @@ from latentkit.methods.latentum.behaviour import (
 )
 from latentkit.methods.latentum.config import LatentumConfig, QuantizerConfig
 from latentkit.methods.latentum.losses import vq_loss
+from latentkit.methods.latentum.pixels import (
+    Grid,
+    PixelDecoder,
+    build_pixel_decoder,
+    check_decoder_trained,
+    check_quantizer_trained,
+    decode_codes,
+    pixel_stage_loss,
+    save_board_images,
+    to_image,
+)
 from latentkit.methods.latentum.quantizer import MBAQ
+from PIL import Image
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
 from latentkit.errors import ConfigError
 from latentkit.layout import Batch, Layout, LayoutBuilder, collate
-from latentkit.registry import LossOutput, Method, StageProgress
+from latentkit.registry import LossOutput, Method, StageContext, StageProgress
 from latentkit.segments import Sample
 
 
@@ -52,14 +66,16 @@ def build_quantizer(config: QuantizerConfig, backbone: Backbone) -> MBAQ:
 
 class Latentum(Method):
     Config = LatentumConfig
-    stages = ("quantizer",)
+    stages = ("quantizer", "pixels")
     config: LatentumConfig
     # The embedded default (configs/latentum/tiny.yaml): the tiny Qwen2.5-VL preset on synth-maze, whose boards are
     # the images a later stage imagines.
     run_defaults: ClassVar[dict[str, Any]] = {
         "model": {"preset": "tiny-qwen2.5-vl"},
         "data": {"task": "synth-maze"},
-        "train": {"stages": {"quantizer": {"steps": 300, "lr": 1.0e-3}}},
+        "train": {
+            "stages": {"quantizer": {"steps": 300, "lr": 1.0e-3}, "pixels": {"steps": 300, "lr": 2.0e-3}}
+        },
     }
 
     def setup(self, backbone: Backbone) -> None:
@@ -71,14 +87,26 @@ class Latentum(Method):
         super().setup(backbone)
         backbone.add_tokens(list(self.config.observation_tags))
         self.modules["quantizer"] = build_quantizer(self.config.quantizer, backbone).to(backbone.device)
+        self.modules["pixel_decoder"] = build_pixel_decoder(
+            self.config.pixels, self.config.quantizer.latent_size, backbone.image_token_pixels
+        ).to(backbone.device)
 
     @property
     def quantizer(self) -> MBAQ:
         return self.modules["quantizer"]  # type: ignore[return-value]
 
+    @property
+    def pixel_decoder(self) -> PixelDecoder:
+        return self.modules["pixel_decoder"]  # type: ignore[return-value]
+
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
-        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps.
-        return tuple(self.backbone.module_groups()) if stage == "quantizer" else ()
+        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; pixels: it only encodes the images.
+        # MBAQ takes no gradient in stage pixels (codes come from `MBAQ.encode`), nor the decoder in stage quantizer.
+        return tuple(self.backbone.module_groups()) if stage in ("quantizer", "pixels") else ()
+
+    def prepare_stage(self, stage: str, context: StageContext) -> None:
+        if stage == "pixels":
+            check_quantizer_trained(self.quantizer, stage)
 
     def layout(self, sample: Sample, stage: str) -> Layout:
         """The conversation with its auxiliary images inline; the assistant's response tokens are the answer
@@ -88,6 +116,10 @@ class Latentum(Method):
         return builder.build(sample.sample_id, sample.dataset)
 
     def loss(self, backbone: Backbone, batch: Batch, stage: str, progress: StageProgress) -> LossOutput:
+        if stage == "pixels":
+            return pixel_stage_loss(
+                backbone, self.quantizer, self.pixel_decoder, batch, self.config.pixels.l1_weight
+            )
         config = self.config.quantizer
         comparison = compare_behaviour(
             backbone,
@@ -131,3 +163,22 @@ class Latentum(Method):
         return quantizer_report(
             self.backbone, self.quantizer, batches(), config.kl_direction, config.kl_temperature
         )
+
+    @torch.no_grad()
+    def board_images(self, codes: Sequence[torch.Tensor], grid: Grid) -> list[Image.Image]:
+        """Images' codes (each long [rows * cols, C], e.g. the boards a trajectory imagined) -> PIL images, through
+        MBAQ's codebooks and the pixel decoder; `grid` (rows, cols) is their image-token grid (`pixels.token_grid`
+        of an image of that size)."""
+        check_decoder_trained(self.pixel_decoder)
+        device = self.backbone.device
+        codes = [c.to(device) for c in codes]
+        return [
+            to_image(image)
+            for image in decode_codes(self.quantizer, self.pixel_decoder, codes, [grid] * len(codes))
+        ]
+
+    def save_board_images(
+        self, codes: Sequence[torch.Tensor], grid: Grid, directory: Path, prefix: str = "board"
+    ) -> list[Path]:
+        """`board_images` written as `directory/<prefix>-001.png`, ...; an existing file is never replaced."""
+        return save_board_images(self.board_images(codes, grid), directory, prefix)
