@@ -20,6 +20,12 @@ def module_groups(backbone: Backbone, method: Method) -> dict[str, nn.Module]:
     return {**backbone.module_groups(), "method": method.modules}
 
 
+def owned_module_groups(method: Method) -> dict[str, nn.Module]:
+    """`method.<name>`: one of the method's own modules, which `train.freeze` (and `stage_freeze`) may freeze alone;
+    its parameters stay in the `method` group for learning rates."""
+    return {f"method.{name}": module for name, module in method.modules.items()}
+
+
 def frozen_groups(backbone: Backbone, freeze: list[str] | None) -> list[str]:
     """`train.freeze`; unset: the vision tower when the backbone has one (a text-only model freezes nothing)."""
     if freeze is not None:
@@ -31,11 +37,13 @@ def check_module_groups(
     backbone: Backbone, method: Method, freeze: list[str] | None, module_lr: dict[str, float]
 ) -> None:
     groups = module_groups(backbone, method)
-    for name in [*frozen_groups(backbone, freeze), *module_lr]:
+    freezable = {**groups, **owned_module_groups(method)}
+    for name in frozen_groups(backbone, freeze):
+        if name not in freezable:
+            raise ConfigError(f"unknown module group {name!r} in train.freeze; valid: {', '.join(freezable)}")
+    for name in module_lr:
         if name not in groups:
-            raise ConfigError(
-                f"unknown module group {name!r} in train.freeze/train.module_lr; valid: {', '.join(groups)}"
-            )
+            raise ConfigError(f"unknown module group {name!r} in train.module_lr; valid: {', '.join(groups)}")
 
 
 def trainable_parameters(backbone: Backbone, method: Method) -> list[nn.Parameter]:
@@ -62,9 +70,10 @@ def freeze_and_group(
     for module in (backbone.model, method.modules):
         for parameter in module.parameters():
             parameter.requires_grad_(id(parameter) in allowed)
+    owned = owned_module_groups(method)
     for name in frozen_groups(backbone, freeze):
-        for parameter in groups[name].parameters():
-            if owner[id(parameter)] == name:
+        for parameter in owned[name].parameters() if name in owned else groups[name].parameters():
+            if name in owned or owner[id(parameter)] == name:
                 parameter.requires_grad_(False)
     by_group: dict[str, list[nn.Parameter]] = {name: [] for name in groups}
     seen: set[int] = set()

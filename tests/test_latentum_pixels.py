@@ -32,6 +32,7 @@ from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection, build_config
 from latentkit.errors import CheckpointError, ConfigError, DataError
 from latentkit.layout import collate
+from latentkit.optim import freeze_and_group, trainable_parameters
 from latentkit.records import load_split
 from latentkit.registry import StageProgress
 from latentkit.synth.maze import generate_synth_maze
@@ -134,6 +135,11 @@ def test_boards_encode_to_one_token_per_cell_with_the_pixels_the_tower_saw(metho
 # --- the stage ---------------------------------------------------------------------------------------------------
 def test_stage_pixels_trains_the_decoder_only(method, maze):
     backbone = method.backbone
+    every = trainable_parameters(backbone, method)
+    groups = freeze_and_group(backbone, method, list(method.stage_freeze("pixels")), {}, every)
+    assert {id(p) for params in groups.values() for p in params} == {
+        id(p) for p in method.pixel_decoder.parameters()
+    }
     batch = collate([method.layout(s, "pixels") for s in maze], backbone.tokenizer.pad_token_id)
     with pytest.raises(CheckpointError, match="the quantizer is untrained") as caught:
         method.prepare_stage("pixels", None)  # a fresh MBAQ: usage all zero

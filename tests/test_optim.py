@@ -61,3 +61,26 @@ def test_a_later_stage_unfreezes_what_an_earlier_stage_froze(parts):
     }
     assert "embeddings" not in second and not backbone.decoder().embed_tokens.weight.requires_grad
     assert not backbone.lm_head.weight.requires_grad  # never made trainable by a stage
+
+
+def test_one_owned_module_freezes_alone_and_keeps_the_method_learning_rate():
+    backbone = build_backbone(ModelSection(preset="tiny-qwen2.5-vl"))
+    method_cls = get_method("latentum")  # two owned modules: quantizer and pixel_decoder
+    method = method_cls(method_cls.Config())
+    method.setup(backbone)
+    every = trainable_parameters(backbone, method)
+    groups = freeze_and_group(backbone, method, ["vision", "method.quantizer"], {"method": 0.5}, every)
+    assert not any(p.requires_grad for p in method.modules["quantizer"].parameters())
+    assert all(p.requires_grad for p in method.modules["pixel_decoder"].parameters())
+    assert {id(p) for p in groups["method"]} == {id(p) for p in method.modules["pixel_decoder"].parameters()}
+    optimizer = build_optimizer(groups, TrainSection(lr=0.1, module_lr={"method": 0.5}))
+    assert {g["lr"] for g in optimizer.param_groups if g["group"] == "method"} == {0.5}
+    # the next stage's freeze list decides again: the whole method group, then nothing of it
+    freeze_and_group(backbone, method, ["method"], {}, every)
+    assert not any(p.requires_grad for p in method.modules.parameters())
+    freeze_and_group(backbone, method, [], {}, every)
+    assert all(p.requires_grad for p in method.modules.parameters())
+    with pytest.raises(ConfigError, match="unknown module group 'method.quantiser'.*method.quantizer"):
+        freeze_and_group(backbone, method, ["method.quantiser"], {}, every)
+    with pytest.raises(ConfigError, match="unknown module group 'method.quantizer' in train.module_lr"):
+        freeze_and_group(backbone, method, [], {"method.quantizer": 0.5}, every)

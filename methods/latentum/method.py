@@ -100,9 +100,13 @@ class Latentum(Method):
         return self.modules["pixel_decoder"]  # type: ignore[return-value]
 
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
-        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; pixels: it only encodes the images.
-        # MBAQ takes no gradient in stage pixels (codes come from `MBAQ.encode`), nor the decoder in stage quantizer.
-        return tuple(self.backbone.module_groups()) if stage in ("quantizer", "pixels") else ()
+        # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; pixels: the VLM and MBAQ only encode
+        # the images the decoder learns to draw.
+        vlm = tuple(self.backbone.module_groups())
+        return {
+            "quantizer": (*vlm, "method.pixel_decoder"),
+            "pixels": (*vlm, "method.quantizer"),
+        }.get(stage, ())
 
     def prepare_stage(self, stage: str, context: StageContext) -> None:
         if stage == "pixels":
