@@ -168,6 +168,24 @@ def test_pre_projector_features_through_the_models_own_merger_are_its_image_embe
         assert torch.allclose(merger(feature.reshape(-1, width)), embedding, atol=ATOL, rtol=0)
 
 
+def test_vision_pixels_are_the_images_the_processor_was_given(vl_backbone):
+    """Sizes the processor keeps (multiples of 28): the inverse of its normalisation and patch layout gives back
+    each image, non-square ones too (a transposed block order would not), several images in one call."""
+    sizes = [(112, 84), (56, 112)]
+    originals = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    images = [vl_backbone.preprocess_image(image) for image in originals]
+    pixels = torch.cat([image.pixel_values for image in images])
+    got = vl_backbone.vision_pixels(pixels, torch.tensor([image.grid_thw for image in images]))
+    for image, original in zip(got, originals):
+        expected = torch.from_numpy(np.array(original)).permute(2, 0, 1).float() / 255
+        assert image.shape == expected.shape
+        assert torch.allclose(image, expected, atol=1e-5, rtol=0)
+    token = vl_backbone.image_token_pixels  # one image token per token x token square
+    assert [image.num_tokens for image in images] == [(w // token) * (h // token) for w, h in sizes]
+    with pytest.raises(ValueError, match="takes no images"):
+        make_backbone("tiny-causal-lm").vision_pixels(pixels, torch.tensor([[1, 8, 6]]))
+
+
 @pytest.mark.parametrize("preset", ALL)
 def test_building_is_deterministic(preset):
     first, second = make_backbone(preset), make_backbone(preset)

@@ -188,12 +188,13 @@ def test_stage_quantizer_trains_the_quantizer_only(maze):
     every = trainable_parameters(backbone, method)
     groups = freeze_and_group(backbone, method, list(method.stage_freeze("quantizer")), {}, every)
     trained = {id(p) for params in groups.values() for p in params}
-    assert trained == {id(p) for p in method.quantizer.parameters()}  # not the experts or the code head
+    assert trained == {id(p) for p in method.quantizer.parameters()}  # no other owned module
     batch = collate([method.layout(s, "quantizer") for s in maze[:2]], backbone.tokenizer.pad_token_id)
     out = method.loss(backbone, batch, "quantizer", StageProgress(0, 1))
     out.loss.backward()
     assert all(p.grad is None for p in backbone.model.parameters())
     assert all(p.grad is not None and p.grad.isfinite().all() for p in method.quantizer.parameters())
+    assert all(p.grad is None for p in method.pixel_decoder.parameters())  # stage pixels trains it
     assert out.metrics["resets"] == 4 * 64  # the first step initialises every entry from the batch
     assert 0.0 <= out.metrics["agreement"] <= 1.0 and out.metrics["kl"] >= 0.0
     report = method.quantizer_report(maze, batch_size=2)

@@ -333,6 +333,7 @@ def test_a_cli_run_of_stage_vision_on_an_untrained_quantizer_exits_2(tmp_path):
 # --- end to end --------------------------------------------------------------------------------------------------
 def test_three_stages_end_to_end_and_the_run_loads_back_bit_exact(tmp_path):
     steps = [f"train.stages.{stage}.steps=2" for stage in ("quantizer", "language", "vision")]
+    steps.append("train.until=vision")  # stage pixels: tests/test_latentum_pixels.py
     latentkit(*train_args(tmp_path, "lum", "--method", "latentum", *steps, "data.synth.n_train=8"))
     run = tmp_path / "lum"
     records = [m for m in metrics(run) if "loss" in m]
@@ -350,7 +351,7 @@ def test_three_stages_end_to_end_and_the_run_loads_back_bit_exact(tmp_path):
     base = load_file(str(run / "final" / "model.safetensors"))
     owned = load_file(str(run / "final" / "method_modules.safetensors"))
     assert not any("experts" in key or "code_head" in key for key in base)  # the base model stays HF format
-    assert {key.split(".")[0] for key in owned} == {"quantizer", "experts", "code_head"}
+    assert {key.split(".")[0] for key in owned} == {"quantizer", "experts", "code_head", "pixel_decoder"}
     language = load_file(str(run / "stages" / "language" / "final" / "model.safetensors"))
     vision_final = load_file(str(run / "stages" / "vision" / "final" / "model.safetensors"))
     assert all(torch.equal(language[k], vision_final[k]) for k in language)  # the originals stayed frozen

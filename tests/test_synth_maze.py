@@ -13,9 +13,10 @@ from PIL import Image
 from latentkit.errors import DataError
 from latentkit.records import load_split
 from latentkit.synth import SYNTH_TASKS, generate_synth_maze, get_synth_task
-from latentkit.synth.maze import AGENT_COLOUR
+from latentkit.synth.maze import AGENT_COLOUR, TILE_COLOURS, read_board_cells
 from latentkit.synth.maze_rules import (
     ACTIONS,
+    HOLE,
     parse_actions,
     plan_is_valid,
     random_plan_success_probability,
@@ -85,6 +86,22 @@ def test_aux_images_show_the_agent_after_each_move(tmp_path: Path) -> None:
         observations = [s.text for s in sample.segments if s.kind == "observation"]
         row, col = steps[-1].cell
         assert observations[-1] == f"The agent is at row {row + 1}, column {col + 1}; this is the goal."
+
+
+@pytest.mark.parametrize("cell_size", [28, 14])
+def test_boards_read_back_cell_by_cell(tmp_path: Path, cell_size: int) -> None:
+    generate_synth_maze(tmp_path, n_train=0, n_val=0, n_test=4, grid_size=4, cell_size=cell_size)
+    for sample in load_split(tmp_path, "test").samples:
+        board = sample.metadata["board"]
+        steps = walk(board, sample.metadata["gold_plan"])
+        start = tuple(v - 1 for v in sample.metadata["start"])
+        for image, agent in zip(sample.images + sample.aux_images, [start, *(s.cell for s in steps)]):
+            got = read_board_cells(Image.open(image), 4, cell_size)
+            assert ["".join(tile for tile, _ in line) for line in got] == board
+            assert [(r, c) for r in range(4) for c in range(4) if got[r][c][1]] == [agent]
+    # a flat image of the hole colour reads as holes everywhere, with no agent
+    holes = read_board_cells(Image.new("RGB", (56, 56), TILE_COLOURS[HOLE]), 4, 14)
+    assert holes == [[(HOLE, False)] * 4] * 4
 
 
 def test_yesno_is_balanced_and_labels_match_plan_validity(tmp_path: Path) -> None:

@@ -161,4 +161,4 @@ def test_installed_wheel_lists_the_builtin_methods(built, tmp_path):
     assert found["listed"]["sft"] == [["sft"], "latentkit.methods.sft.method:SFT", None]
     assert found["listed"]["monet"][0] == ["warmup", "distill", "latent", "vlpo"]
     assert found["listed"]["valr"][0] == ["sft", "align"]
-    assert found["listed"]["latentum"][0] == ["quantizer", "language", "vision"]
+    assert found["listed"]["latentum"][0] == ["quantizer", "language", "vision", "pixels"]

@@ -145,6 +145,15 @@ class Backbone:
         """The width of one image token's pre-projector features."""
         raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
 
+    @property
+    def image_token_pixels(self) -> int:
+        """The side, in pixels of the processed image, of the square one image token covers."""
+        raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
+
+    def vision_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per image [3, H, W]: the RGB image the vision tower sees (after the processor's resize), in [0, 1]."""
+        raise ValueError(f"the {self.family} backbone takes no images; use a vision-language model")
+
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """Positions of one unpadded sequence: [N] for text LMs, [3, N] (M-RoPE) for Qwen-VL."""
         return torch.arange(input_ids.shape[0])

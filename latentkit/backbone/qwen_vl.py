@@ -125,6 +125,28 @@ class QwenVLBackbone(Backbone):
         merger = self.vision().merger
         return merger(features.to(self.vision().dtype).reshape(-1, features.shape[-1] // self.merge_size**2))
 
+    @property
+    def image_token_pixels(self) -> int:
+        return int(self.image_processor.patch_size) * self.merge_size
+
+    def vision_pixels(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The inverse of `preprocess_image`'s normalisation and patch layout: its rows are (h / m, w / m, m, m)
+        blocks of patches, each (C, temporal copies, patch, patch) values."""
+        processor, merge = self.image_processor, self.merge_size
+        patch, copies = int(processor.patch_size), int(processor.temporal_patch_size)
+        mean = torch.tensor(processor.image_mean, device=pixel_values.device).view(3, 1, 1)
+        std = torch.tensor(processor.image_std, device=pixel_values.device).view(3, 1, 1)
+        images = []
+        for rows, (t, h, w) in zip(pixel_values.split(grid_thw.prod(-1).tolist()), grid_thw.tolist()):
+            if t != 1:
+                raise ValueError(f"vision_pixels takes still images (temporal grid 1), got grid {(t, h, w)}")
+            blocks = rows.float().view(h // merge, w // merge, merge, merge, 3, copies, patch, patch)[
+                :, :, :, :, :, 0
+            ]
+            image = blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * patch, w * patch)
+            images.append(image * std + mean)
+        return images
+
     def position_ids(self, input_ids: torch.Tensor, image_grids: list[tuple[int, int, int]]) -> torch.Tensor:
         return mrope_position_ids(input_ids, self.image_token_id, image_grids, self.merge_size)
 

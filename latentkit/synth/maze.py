@@ -230,6 +230,39 @@ def _draw_board_image(board: Board, agent: Cell, cell_size: int) -> Image.Image:
     return image
 
 
+def read_board_cells(image: Image.Image, grid_size: int, cell_size: int) -> list[list[tuple[str, bool]]]:
+    """The inverse of the board drawing, cell by cell: (tile, whether the agent is on it). The tile is the drawn
+    colour nearest to the mean of the cell's four corners (outside the agent's circle); the agent is there when the
+    mean of the cell's centre is nearer the agent's colour than to any tile's. Reads a drawn board back exactly, and
+    tells how legible a reconstructed one is."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    corner = max(1, cell_size // 5 - 1)  # inside the grid line, outside the agent's inset
+    centre = max(1, cell_size // 5)
+    tiles = list(TILE_COLOURS)
+    palette = np.array([TILE_COLOURS[tile] for tile in tiles], dtype=np.float64)
+    cells = []
+    for row in range(grid_size):
+        line = []
+        for col in range(grid_size):
+            y0, x0 = row * cell_size, col * cell_size
+            corners = [
+                pixels[y : y + corner, x : x + corner]
+                for y in (y0 + 1, y0 + cell_size - corner)
+                for x in (x0 + 1, x0 + cell_size - corner)
+            ]
+            edge_colour = np.concatenate([c.reshape(-1, 3) for c in corners]).mean(0)
+            tile = tiles[int(((palette - edge_colour) ** 2).sum(-1).argmin())]
+            middle = y0 + (cell_size - centre) // 2, x0 + (cell_size - centre) // 2
+            centre_colour = pixels[middle[0] : middle[0] + centre, middle[1] : middle[1] + centre]
+            centre_colour = centre_colour.reshape(-1, 3).mean(0)
+            agent = ((np.array(AGENT_COLOUR) - centre_colour) ** 2).sum() < (
+                (palette - centre_colour) ** 2
+            ).sum(-1).min()
+            line.append((tile, bool(agent)))
+        cells.append(line)
+    return cells
+
+
 def _position(cell: Cell) -> str:
     return f"row {cell[0] + 1}, column {cell[1] + 1}"
 

@@ -87,10 +87,32 @@ class VisionConfig(StrictModel):
     seed: int = 0
 
 
+class PixelDecoderConfig(StrictModel):
+    """Stage `pixels`: the pixel decoder (ours; the paper uses SD3.5-Medium's transformer) trained with the VLM and
+    MBAQ frozen. z_q on the image-token grid -> a 1x1 convolution to `width` channels -> `depth` residual blocks of
+    two `kernel_size` convolutions -> a 1x1 convolution to 3 x s x s values per token, s the pixels one token spans
+    -> pixel shuffle to RGB. A larger decoder is a larger width and depth."""
+
+    width: int = Field(64, gt=0)
+    depth: int = Field(2, ge=0)
+    kernel_size: int = Field(3, gt=0)
+    l1_weight: float = Field(0.0, ge=0.0)  # loss: pixel MSE + l1_weight * pixel L1, on RGB in [0, 1]
+    seed: int = 0  # the decoder's initial weights
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> PixelDecoderConfig:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size={self.kernel_size} is even; use an odd size so the convolutions keep the token grid"
+            )
+        return self
+
+
 class LatentumConfig(StrictModel):
     quantizer: QuantizerConfig = QuantizerConfig()
     code_head: CodeHeadConfig = CodeHeadConfig()
     guidance: GuidanceConfig = GuidanceConfig()
     language: LanguageConfig = LanguageConfig()
     vision: VisionConfig = VisionConfig()
+    pixels: PixelDecoderConfig = PixelDecoderConfig()
     observation_tags: tuple[str, str] = ("<observation>", "</observation>")

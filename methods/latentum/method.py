@@ -7,12 +7,15 @@ Stages, in order:
   tokens plus the VQ loss (`losses.py`); `quantizer_report` measures agreement, KL, codebook usage and perplexity.
 - `language` (`language.py`) trains the language model to read target images as projector(z_q), some codes noised.
 - `vision` (`vision.py`) trains the generation branch (`mome.py`) and the code head (`code_head.py`) to predict the
-  target images' codes, the understanding branch frozen."""
+  target images' codes, the understanding branch frozen.
+- `pixels` (`pixels.py`) trains the pixel decoder that draws codes as images (`board_images`), with the VLM and MBAQ
+  frozen; it needs only the quantizer."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +30,16 @@ from latentkit.methods.latentum.config import CodeHeadConfig, LatentumConfig, Qu
 from latentkit.methods.latentum.language import language_loss
 from latentkit.methods.latentum.losses import vq_loss
 from latentkit.methods.latentum.mome import GenerationExperts, attach_experts
+from latentkit.methods.latentum.pixels import (
+    Grid,
+    PixelDecoder,
+    build_pixel_decoder,
+    check_decoder_trained,
+    decode_codes,
+    pixel_stage_loss,
+    save_board_images,
+    to_image,
+)
 from latentkit.methods.latentum.quantizer import MBAQ
 from latentkit.methods.latentum.targets import check_quantizer_trained
 from latentkit.methods.latentum.vision import (
@@ -35,6 +48,7 @@ from latentkit.methods.latentum.vision import (
     vision_loss,
     with_generation_blocks,
 )
+from PIL import Image
 
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
@@ -87,12 +101,17 @@ class CodeReport:
 
 
 # What each stage trains of the method's own modules; the others are frozen there (`stage_freeze`).
-STAGE_MODULES = {"quantizer": ("quantizer",), "language": (), "vision": ("experts", "code_head")}
+STAGE_MODULES = {
+    "quantizer": ("quantizer",),
+    "language": (),
+    "vision": ("experts", "code_head"),
+    "pixels": ("pixel_decoder",),
+}
 
 
 class Latentum(Method):
     Config = LatentumConfig
-    stages = ("quantizer", "language", "vision")
+    stages = ("quantizer", "language", "vision", "pixels")
     config: LatentumConfig
     # The embedded default (configs/latentum/tiny.yaml): the tiny Qwen2.5-VL preset on synth-maze, whose boards are
     # the images a later stage imagines.
@@ -104,6 +123,7 @@ class Latentum(Method):
                 "quantizer": {"steps": 30, "lr": 1.0e-3},
                 "language": {"steps": 20, "lr": 1.0e-4},
                 "vision": {"steps": 30, "lr": 1.0e-3},
+                "pixels": {"steps": 300, "lr": 2.0e-3},
             }
         },
     }
@@ -122,6 +142,9 @@ class Latentum(Method):
         attach_experts(layers, self.experts)
         head = build_code_head(self.config.code_head, self.config.quantizer, backbone)
         self.modules["code_head"] = head.to(backbone.device)
+        self.modules["pixel_decoder"] = build_pixel_decoder(
+            self.config.pixels, self.config.quantizer.latent_size, backbone.image_token_pixels
+        ).to(backbone.device)
 
     @property
     def quantizer(self) -> MBAQ:
@@ -135,15 +158,20 @@ class Latentum(Method):
     def code_head(self) -> CodeHead:
         return self.modules["code_head"]  # type: ignore[return-value]
 
+    @property
+    def pixel_decoder(self) -> PixelDecoder:
+        return self.modules["pixel_decoder"]  # type: ignore[return-value]
+
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
         # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; vision: the originals stay frozen
-        # while the generation branch trains; language trains the VLM and none of the method's modules.
+        # while the generation branch trains; language trains the VLM and none of the method's modules; pixels: the
+        # VLM and MBAQ only encode the images the decoder learns to draw.
         owned = tuple(f"method.{name}" for name in self.modules if name not in STAGE_MODULES[stage])
-        backbone = tuple(self.backbone.module_groups()) if stage in ("quantizer", "vision") else ()
+        backbone = tuple(self.backbone.module_groups()) if stage in ("quantizer", "vision", "pixels") else ()
         return backbone + owned
 
     def prepare_stage(self, stage: str, context: StageContext) -> None:
-        if stage in ("language", "vision"):
+        if stage in ("language", "vision", "pixels"):
             check_quantizer_trained(self.quantizer, stage)
         if stage == "vision":
             # spec "MoME": the generation branch starts from the text weights as the language stage left them
@@ -176,6 +204,10 @@ class Latentum(Method):
             trained = [*self.experts.parameters(), *self.code_head.parameters()]
             return vision_loss(
                 backbone, self.quantizer, self.code_head, batch, generation_mask(batch, dropped), trained
+            )
+        if stage == "pixels":
+            return pixel_stage_loss(
+                backbone, self.quantizer, self.pixel_decoder, batch, self.config.pixels.l1_weight
             )
         return self._quantizer_loss(backbone, batch, stage)
 
@@ -243,3 +275,22 @@ class Latentum(Method):
         return quantizer_report(
             self.backbone, self.quantizer, batches(), config.kl_direction, config.kl_temperature
         )
+
+    @torch.no_grad()
+    def board_images(self, codes: Sequence[torch.Tensor], grid: Grid) -> list[Image.Image]:
+        """Images' codes (each long [rows * cols, C], e.g. the boards a trajectory imagined) -> PIL images, through
+        MBAQ's codebooks and the pixel decoder; `grid` (rows, cols) is their image-token grid (`pixels.token_grid`
+        of an image of that size)."""
+        check_decoder_trained(self.pixel_decoder)
+        device = self.backbone.device
+        codes = [c.to(device) for c in codes]
+        return [
+            to_image(image)
+            for image in decode_codes(self.quantizer, self.pixel_decoder, codes, [grid] * len(codes))
+        ]
+
+    def save_board_images(
+        self, codes: Sequence[torch.Tensor], grid: Grid, directory: Path, prefix: str = "board"
+    ) -> list[Path]:
+        """`board_images` written as `directory/<prefix>-001.png`, ...; an existing file is never replaced."""
+        return save_board_images(self.board_images(codes, grid), directory, prefix)

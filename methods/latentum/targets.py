@@ -50,5 +50,5 @@ def check_quantizer_trained(quantizer: MBAQ, stage: str) -> None:
         raise ConfigError(
             f"latentum stage {stage} reads images as MBAQ codes, but the quantizer was never trained (its codebook "
             "usage is all zero): run stage quantizer first (latentkit train --method latentum runs quantizer -> "
-            "language -> vision)"
+            "language -> vision -> pixels)"
         )
