@@ -7,13 +7,14 @@ import json
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO, latentkit, launch_command, train_args
+from helpers import REPO, free_port, latentkit, launch_command, train_args
 from latentkit.cli.app import main
 
 from latentkit.eval.model import load_eval_model
@@ -63,6 +64,35 @@ def test_two_processes_write_what_one_process_writes(run, reference, tmp_path):
     assert out.read_bytes() == reference.read_bytes()
     assert summary(out) == summary(reference)
     assert result.stdout.count("wrote ") == 1  # the main process reports
+
+
+# A user's script under `accelerate launch`: each process writes the summary it got to a file of its own.
+API_SCRIPT = """
+import json, sys
+from accelerate import PartialState
+import latentkit
+from latentkit.decoding import SamplingParams
+
+model = latentkit.load(sys.argv[1], device="cpu")
+sampling = SamplingParams(max_new_tokens=12)
+summary = latentkit.evaluate(model, "synth-zoom", sys.argv[2], batch_size=2, sampling=sampling)
+with open(f"{sys.argv[2]}.returned-{PartialState().process_index}", "w") as handle:
+    json.dump(summary, handle)
+"""
+
+
+@pytest.mark.slow
+def test_the_python_api_splits_over_a_launch_too(run, reference, tmp_path):
+    script, out = tmp_path / "evaluate.py", tmp_path / "zoom.jsonl"
+    script.write_text(API_SCRIPT)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port())]
+    command = [*launcher, "--config_file", str(TWO_PROCESSES), str(script), str(run), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.read_bytes() == reference.read_bytes()
+    returned = [json.loads(Path(f"{out}.returned-{index}").read_text()) for index in (0, 1)]
+    assert returned[0] == returned[1]  # every process gets the summary
+    assert {k: v for k, v in returned[0].items() if k not in RUN_SPECIFIC} == summary(reference)
 
 
 @pytest.mark.slow
