@@ -99,10 +99,16 @@ class Processes:
         return self.gather(compute if self.is_main else _nothing)[0]  # type: ignore[return-value]
 
     def main_first(self, compute: Callable[[], T]) -> T:
-        """`compute()` on the main process, then on the others (they read what it wrote, e.g. generated data)."""
-        first = self.from_main(compute)
-        rest = self.gather(_nothing if self.is_main else compute)
-        return first if self.is_main else rest[self.index]  # type: ignore[return-value]
+        """`compute()` on the main process, then on the others (they read what it wrote, e.g. generated data);
+        each keeps its own result (nothing is sent)."""
+        kept: list[T] = []
+
+        def keep() -> None:
+            kept.append(compute())
+
+        self.gather(keep if self.is_main else _nothing)
+        self.gather(_nothing if self.is_main else keep)
+        return kept[0]
 
 
 def _nothing() -> None:
