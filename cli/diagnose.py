@@ -30,6 +30,9 @@ def diagnose_command(
     out: Path = typer.Option(
         None, "--out", help="Folder for <benchmark>-<split>.{json,md,png} (default: <run>/diagnose)."
     ),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)."
+    ),
 ) -> None:
     """Measure whether a latent method's latents matter (greedy decoding, one line per condition)."""
     from transformers.utils import logging
@@ -37,13 +40,17 @@ def diagnose_command(
     from latentkit.eval.benchmarks import get_benchmark
     from latentkit.eval.diagnose import DiagnoseOptions, diagnose, parse_k_sweep
     from latentkit.eval.model import load_eval_model
+    from latentkit.eval.processes import close_processes
 
     get_benchmark(benchmark)
     options = DiagnoseOptions(
         benchmark, data, split, limit, batch_size, max_new_tokens, parse_k_sweep(k_sweep), seed
     )
     logging.disable_progress_bar()
-    model = load_eval_model(run, checkpoint)
-    _, paths = diagnose(model, options, out, log=lambda line: typer.echo(line, err=True))
+    try:
+        model = load_eval_model(run, checkpoint, device=device)
+        _, paths = diagnose(model, options, out, log=lambda line: typer.echo(line, err=True))
+    finally:
+        close_processes()
     typer.echo(paths["md"].read_text(encoding="utf-8"))
     typer.echo(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")

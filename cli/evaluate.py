@@ -43,9 +43,13 @@ def eval_command(
     aux_images: str = typer.Option(
         "none", "--aux-images", help="dataset: give the sample's auxiliary image when the model asks for one."
     ),
+    device: str = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Evaluate a trained model on a benchmark; rerunning with the same --out resumes."""
+    """Evaluate a trained model on a benchmark; rerunning with the same --out resumes. Under `accelerate launch`
+    the processes share the samples and the main one writes the results."""
     import json
 
     from transformers.utils import logging
@@ -53,6 +57,7 @@ def eval_command(
     from latentkit.decoding import SamplingParams
     from latentkit.eval.benchmarks import get_benchmark
     from latentkit.eval.model import load_eval_model
+    from latentkit.eval.processes import close_processes, eval_processes
     from latentkit.eval.runner import EvalOptions, default_output, evaluate, summary_path
 
     bench = get_benchmark(benchmark)
@@ -66,9 +71,15 @@ def eval_command(
     )
     options = EvalOptions(benchmark, data, split, limit, batch_size, sampling, num_samples, aux_images)  # type: ignore[arg-type]
     logging.disable_progress_bar()  # one bar per weight load is noise next to the eval's own bar
-    model = load_eval_model(run, checkpoint, overrides or ())
-    results = out or default_output(model, options)
-    summary = evaluate(model, options, results, progress=progress)
+    try:
+        model = load_eval_model(run, checkpoint, overrides or (), device)
+        is_main = eval_processes(model.backbone.device).is_main
+        results = out or default_output(model, options)
+        summary = evaluate(model, options, results, progress, log=lambda line: typer.echo(line, err=True))
+    finally:
+        close_processes()
+    if not is_main:
+        return
     shown = {k: summary[k] for k in ("benchmark", "split", "scorer", "accuracy", "chance_level", "pass_at_k")}
     typer.echo(json.dumps(shown))
     typer.echo(f"wrote {results} and {summary_path(results)}")

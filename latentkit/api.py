@@ -67,13 +67,16 @@ def train(
     return run_training(resolve_config(config, overrides), resume=resume, evaluator=training_evaluator)
 
 
-def load(run_or_checkpoint: str | Path, method_overrides: Sequence[str] = ()) -> EvalModel:
+def load(
+    run_or_checkpoint: str | Path, method_overrides: Sequence[str] = (), device: str | None = None
+) -> EvalModel:
     """A trained model: `.backbone`, `.method` (with its modules), `.config`. A run directory (its `final/`) or
-    any model directory (a stage's `final/`); `method_overrides` set decoding knobs (`method.decode_force=true`)."""
+    any model directory (a stage's `final/`); `method_overrides` set decoding knobs (`method.decode_force=true`);
+    `device` as `--device` takes it (default: cuda when there is one, else cpu), in the run's `model.dtype`."""
     path = Path(run_or_checkpoint)
     if (path / "config.yaml").is_file():
-        return load_eval_model(run=path, method_overrides=method_overrides)
-    return load_eval_model(checkpoint=path, method_overrides=method_overrides)
+        return load_eval_model(run=path, method_overrides=method_overrides, device=device)
+    return load_eval_model(checkpoint=path, method_overrides=method_overrides, device=device)
 
 
 def prompt_sample(text: str, image: str | Path | None = None) -> Sample:
@@ -110,7 +113,8 @@ def evaluate(
     model: EvalModel, benchmark: str, out: str | Path | None = None, progress: bool = False, **options: Any
 ) -> dict[str, Any]:
     """`latentkit eval` in-process: options as `EvalOptions` fields (split, limit, data, sampling, ...); returns
-    the summary (also written next to the per-sample JSONL)."""
+    the summary (also written next to the per-sample JSONL). In a script started by `accelerate launch`, the
+    processes share the samples and all return the summary (the main process writes the files)."""
     from latentkit.eval.runner import EvalOptions
     from latentkit.eval.runner import evaluate as run_evaluation
 

@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from latentkit.backbone import Backbone, build_backbone
 from latentkit.checkpoint import METHOD_FILE, METHOD_MODULES_FILE, model_fingerprint
 from latentkit.config import LatentkitConfig, apply_override, build_config, parse_override, read_yaml
 from latentkit.errors import CheckpointError, ConfigError
+from latentkit.eval.processes import eval_device
 from latentkit.registry import Method, get_method
 
 # Reading whole multi-GB weight files would make every eval slow; their ends and sizes identify them.
@@ -38,6 +40,8 @@ class EvalModel:
             "backbone": str(self.config.model.path) if self.config.model.path else self.config.model.preset,
             "fingerprint": self.fingerprint,
             "method_overrides": list(self.method_overrides),
+            "dtype": self.config.model.dtype,
+            "device": self.backbone.device.type,
         }
 
 
@@ -68,11 +72,16 @@ def resolve_model_dir(run: Path | None, checkpoint: Path | None) -> tuple[Path, 
 
 
 def load_eval_model(
-    run: Path | None = None, checkpoint: Path | None = None, method_overrides: Sequence[str] = ()
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    method_overrides: Sequence[str] = (),
+    device: str | torch.device | None = None,
 ) -> EvalModel:
-    """Backbone with the trained weights, the method (config from the run) with its own modules.
+    """Backbone with the trained weights in the run's `model.dtype`, the method (config from the run) with its
+    own modules, all on `device` (a name as `--device` takes it; default: cuda when there is one, else cpu).
 
     `method_overrides` (`method.key=value`) change decoding-time knobs of the method, e.g. its test-time K."""
+    target = eval_device(str(device) if device is not None else None)
     model_dir, run_dir = resolve_model_dir(run, checkpoint)
     saved = json.loads((model_dir / METHOD_FILE).read_text()) if (model_dir / METHOD_FILE).is_file() else {}
     raw = read_yaml(run_dir / "config.yaml") if run_dir is not None else {}
@@ -96,12 +105,14 @@ def load_eval_model(
     no_lora = config.model.lora.model_copy(update={"enabled": False})
     section = config.model.model_copy(update={"path": model_dir, "preset": None, "lora": no_lora})
     backbone = build_backbone(section)
+    backbone.model.to(target)  # before `setup`, so what the method builds follows the backbone's device
     method = method_cls(config.method)
     method.setup(backbone)
     if (model_dir / METHOD_MODULES_FILE).is_file():
         method.modules.load_state_dict(load_file(str(model_dir / METHOD_MODULES_FILE)))
     backbone.model.eval()
     method.modules.eval()
+    method.modules.to(backbone.device)
     method.auxiliaries.to(backbone.device)
     fingerprint = model_fingerprint(model_dir, run_dir)
     return EvalModel(

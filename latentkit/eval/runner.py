@@ -14,8 +14,9 @@ import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from latentkit.errors import ConfigError, DataError, writing
 from latentkit.eval.answer import IMAGE_PLACEHOLDER, Answer, AuxImages, answer_samples
 from latentkit.eval.benchmarks import Benchmark, EvalSet, chance_from_choices, get_benchmark
 from latentkit.eval.model import EvalModel
+from latentkit.eval.processes import Processes, eval_processes
 from latentkit.eval.scorers import Scorer, ScoreResult, get_scorer
 from latentkit.eval.stats import first_step
 from latentkit.records import write_json
@@ -158,9 +160,17 @@ def run_header(
 
 
 def evaluate(
-    model: EvalModel, options: EvalOptions, out: Path | None = None, progress: bool = True
+    model: EvalModel,
+    options: EvalOptions,
+    out: Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Answer what is not yet in `out`, append it, then write and return the summary over the whole file."""
+    """Answer what is not yet in `out`, append it, then write and return the summary over the whole file.
+
+    Under `accelerate launch` the processes share the batches (see `answer_missing`); every process returns
+    the summary, the main one writes the files and `log`s how many samples each process answered."""
+    processes = eval_processes(model.backbone.device)
     if options.num_samples > 1 and options.sampling.temperature == 0.0 and not model.method.prompts_vary:
         raise ConfigError(
             f"--num-samples > 1 needs sampling: set --temperature above 0 (greedy answers repeat; {model.method.name}'s "
@@ -168,38 +178,96 @@ def evaluate(
         )
     benchmark = get_benchmark(options.benchmark)
     out = Path(out) if out is not None else default_output(model, options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    eval_set = load_eval_set(
-        benchmark, model.config, model.run_dir, options.data, options.split, options.limit, out.parent
-    )
+
+    def load() -> EvalSet:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return load_eval_set(
+            benchmark, model.config, model.run_dir, options.data, options.split, options.limit, out.parent
+        )
+
+    eval_set = processes.main_first(load)  # the main process generates missing synthetic data
     header = run_header(model, benchmark, eval_set, options)
-    done = read_results(out, header)
-    todo = [sample for sample in eval_set.samples if sample.sample_id not in done]
-    scorer = get_scorer(eval_set.scorer)
-    bar = _progress(len(eval_set.samples), len(done), benchmark.name, progress)
+    done: dict[str, dict[str, Any]] = {}  # the records, on the main process (it alone writes)
 
-    def write_batch(answers: list[Answer]) -> None:
-        with writing(out), open(out, "a", encoding="utf-8") as handle:
-            for group in _by_sample(answers, options.num_samples):
-                record = score_record(group, scorer, header)
-                done[record["sample_id"]] = record
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        bar.update(len(answers) // options.num_samples)
+    def read() -> set[str]:
+        done.update(read_results(out, header))
+        return set(done)
 
-    repeated = [sample for sample in todo for _ in range(options.num_samples)]
-    draws = [draw for _ in todo for draw in range(options.num_samples)]
-    # A batch holds every answer of its prompts, so each JSONL line is written whole.
-    batch = options.batch_size * options.num_samples
-    answer_samples(
-        model.method, repeated, options.sampling, batch, options.aux_images, on_batch=write_batch, draws=draws
+    done_ids = processes.from_main(read)
+    answered = processes.all_gather(
+        answer_missing(model, options, eval_set, header, done, done_ids, out, processes, progress)
     )
+    if log is not None and processes.is_main and processes.count > 1:
+        log(f"eval: {processes.count} processes answered {' + '.join(map(str, answered))} samples")
+
+    def summary() -> dict[str, Any]:
+        records = [done[sample.sample_id] for sample in eval_set.samples]
+        result = summarize(records, header, eval_set, model, options, out)
+        write_json(summary_path(out), result)
+        return result
+
+    return processes.from_main(summary)
+
+
+def answer_missing(
+    model: EvalModel,
+    options: EvalOptions,
+    eval_set: EvalSet,
+    header: dict[str, Any],
+    done: dict[str, dict[str, Any]],
+    done_ids: set[str],
+    out: Path,
+    processes: Processes,
+    progress: bool,
+) -> int:
+    """Answer the batches holding a sample not in `done_ids` and append their new records to `out` in sample
+    order, into `done` on the main process; return how many samples this process answered.
+
+    The batches are fixed slices of the whole benchmark, whatever is done already and however many processes
+    share them, so every answer is generated in the same batch (same padding, same seeds) as in one
+    uninterrupted process. Process i answers batch i of each round of `count` batches; after each round the
+    main process appends the round's records in batch order. A failure on any process fails every process
+    after the last complete round, whose records are all written."""
+    scorer = get_scorer(eval_set.scorer)
+    batches = [
+        eval_set.samples[start : start + options.batch_size]
+        for start in range(0, len(eval_set.samples), options.batch_size)
+    ]
+    todo = [batch for batch in batches if any(sample.sample_id not in done_ids for sample in batch)]
+    bar = _progress(len(eval_set.samples), len(done_ids), header["benchmark"], progress and processes.is_main)
+
+    def answer(batch: list[Sample]) -> list[dict[str, Any]]:
+        repeated = [sample for sample in batch for _ in range(options.num_samples)]
+        draws = [draw for _ in batch for draw in range(options.num_samples)]
+        answers = answer_samples(
+            model.method, repeated, options.sampling, len(repeated), options.aux_images, draws=draws
+        )
+        return [score_record(group, scorer, header) for group in _by_sample(answers, options.num_samples)]
+
+    mine = todo[processes.index :: processes.count]
+    for start in range(0, len(todo), processes.count):
+        position = start + processes.index
+        work = partial(answer, todo[position]) if position < len(todo) else list
+        new = [
+            record
+            for records in processes.gather(work)
+            for record in records
+            if record["sample_id"] not in done_ids
+        ]
+        processes.gather(partial(_append, out, new, done) if processes.is_main else list)
+        done_ids.update(record["sample_id"] for record in new)
+        bar.update(len(new))
     bar.close()
-    records = [done[sample.sample_id] for sample in eval_set.samples]
-    summary = summarize(records, header, eval_set, model, options, out)
-    write_json(summary_path(out), summary)
-    return summary
+    return sum(len(batch) for batch in mine)
+
+
+def _append(out: Path, records: list[dict[str, Any]], done: dict[str, dict[str, Any]]) -> None:
+    with writing(out), open(out, "a", encoding="utf-8") as handle:
+        for record in records:
+            done[record["sample_id"]] = record
+            handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_results(path: Path, header: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -51,6 +51,7 @@ from latentkit.eval.diagnose.measures import (
 from latentkit.eval.diagnose.probes import categorical_attributes, ridge_probe, variance_explained
 from latentkit.eval.diagnose.report import markdown_report, plot_report
 from latentkit.eval.model import EvalModel
+from latentkit.eval.processes import eval_processes
 from latentkit.eval.runner import load_eval_set, model_output_dir
 from latentkit.eval.scorers import get_scorer
 from latentkit.latent import (
@@ -137,6 +138,11 @@ def diagnose(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the battery, write the JSON, Markdown and PNG reports; return the report and their paths."""
+    if eval_processes(model.backbone.device).count > 1:
+        raise ConfigError(
+            "latentkit diagnose runs in one process (its measures compare samples with one another): run it "
+            "without accelerate launch (--device cuda puts it on a GPU)"
+        )
     began = time.perf_counter()
     base = continuous_policy(model.method)
     benchmark = get_benchmark(options.benchmark)
