@@ -474,7 +474,7 @@ def test_a_full_disk_during_eval_names_the_results_file(trained, tmp_path, capsy
         raise OSError(errno.ENOSPC, "No space left on device")
 
     out = tmp_path / "results.jsonl"
-    monkeypatch.setattr(latentkit.eval.runner, "score_record", full)
+    monkeypatch.setattr(latentkit.eval.runner.os, "fsync", full)  # the disk fills as the results are written
     args = [
         "eval",
         "--run",
