@@ -47,7 +47,7 @@ def test_zero_steps_the_sft_module_on_two_processes(tmp_path, stage):
         assert report["losses"][1] < report["losses"][0]
     if stage == 2:  # each process keeps half of the master weights and optimizer state
         halves = [r["optimizer_partition_elements"] for r in reports]
-        assert sum(halves) - reports[0]["optimized_elements"] in range(0, 2 * 2)  # padded to an even split
+        assert sum(halves) - reports[0]["optimized_elements"] in range(2 * 2)  # padded to an even split
         assert halves[0] == halves[1]
     else:  # parameters are shards outside the forward
         assert all(r["local_elements_outside_forward"] == 0 for r in reports)

@@ -32,12 +32,17 @@ class Token:
 @dataclass(frozen=True)
 class Embeddings:
     """Feed vectors [n, D]. `placeholder` is the token id recorded at their positions (so a replay can name
-    them); `log_prob` [n] is the density the policy declares for them, or None when they are not actions."""
+    them); `log_prob` [n] is the density the policy declares for them, or None when they are not actions.
+    `positions`: their rotary positions, [n] or M-RoPE's (temporal, height, width) [3, n], e.g. an image's 2-D
+    grid; None: the row's next n positions. The row then continues one past the largest of the last one's.
+    `caption`: how `latentkit generate` shows the run of vectors instead of their nearest tokens."""
 
     vectors: torch.Tensor
     kind: int
     placeholder: int
     log_prob: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    caption: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from latentkit.backbone import Backbone
-from latentkit.decoding.actions import LM_HEAD, Finish, Proposal, Step, Token
+from latentkit.decoding.actions import LM_HEAD, Embeddings, Finish, Proposal, Step, Token
 from latentkit.decoding.policy import DecodingPolicy, RowView
 from latentkit.decoding.sampling import SamplingParams, sample_tokens
 from latentkit.decoding.trajectory import Trajectory
@@ -169,11 +169,17 @@ def _apply(backbone, row: _Row, step: Step, proposal: Proposal, valid, eos: set[
             row.feed = action.id
     else:
         vectors = action.vectors.reshape(-1, action.vectors.shape[-1])
+        axes = _given_positions(action, vectors.shape[0])
         for j in range(vectors.shape[0]):
             declared = action.log_prob is not None
             log_prob = float(action.log_prob[j]) if declared else 0.0
-            _record(row, action.placeholder, action.kind, log_prob, declared, False, proposal)
+            position = None if axes is None else max(axes[j])
+            _record(row, action.placeholder, action.kind, log_prob, declared, False, proposal, position)
             trajectory.vectors[first + j] = vectors[j].detach()
+            if axes is not None and len(set(axes[j])) > 1:
+                trajectory.mrope_positions[first + j] = axes[j]
+        if action.caption is not None:
+            trajectory.captions[first] = action.caption
         row.feed = vectors
     row.extras = dict(step.extras)
     for name, values in step.extras.items():
@@ -182,9 +188,30 @@ def _apply(backbone, row: _Row, step: Step, proposal: Proposal, valid, eos: set[
             recorded[first + j] = values[j].item()
 
 
-def _record(row: _Row, token: int, kind: int, log_prob: float, is_action: bool, emit: bool, proposal) -> None:
+def _given_positions(action: Embeddings, count: int) -> list[tuple[int, ...]] | None:
+    """Per vector, the positions the policy gave ((p,) or (temporal, height, width)), or None."""
+    if action.positions is None:
+        return None
+    given = action.positions.reshape(-1, count) if action.positions.dim() == 2 else action.positions[None]
+    if given.shape != (given.shape[0], count) or given.shape[0] not in (1, 3):
+        raise ValueError(
+            f"Embeddings.positions must be [{count}] or [3, {count}], got {list(action.positions.shape)}"
+        )
+    return [tuple(column) for column in given.T.tolist()]
+
+
+def _record(
+    row: _Row,
+    token: int,
+    kind: int,
+    log_prob: float,
+    is_action: bool,
+    emit: bool,
+    proposal,
+    position: int | None = None,
+) -> None:
     trajectory = row.trajectory
-    trajectory.positions.append(row.next_position)
+    trajectory.positions.append(row.next_position if position is None else position)
     trajectory.input_ids.append(token)
     trajectory.kinds.append(kind)
     trajectory.log_probs.append(log_prob)
@@ -209,14 +236,22 @@ def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
     extra_rows: dict[str, list[list[int | float]]] = {}
     extra_dtypes: dict[str, torch.dtype] = {}
     blocks, base = [], valid.shape[1]
+    axes: list[
+        tuple[int, int, tuple[int, int, int]]
+    ] = []  # (row, column, M-RoPE positions) where axes differ
     for row in feeding:
         count = row.feed.shape[0]
         pad = width - count
         blocks.append(
             row.feed if pad == 0 else torch.cat([row.feed.new_zeros(pad, row.feed.shape[1]), row.feed])
         )
-        first_position = row.trajectory.positions[-count]
-        position_rows[row.index][pad:] = range(first_position, first_position + count)
+        position_rows[row.index][pad:] = row.trajectory.positions[-count:]
+        fed = range(len(row.trajectory) - count, len(row.trajectory))
+        axes += [
+            (row.index, pad + j, row.trajectory.mrope_positions[i])
+            for j, i in enumerate(fed)
+            if i in row.trajectory.mrope_positions
+        ]
         valid_rows[row.index][pad:] = [True] * count
         for name, values in row.extras.items():
             extra_dtypes[name] = values.dtype
@@ -232,7 +267,11 @@ def _feed(backbone, rows: list[_Row], valid, cache, mrope: bool, dtype):
     }
     valid = torch.cat([valid, new_valid], dim=1)
     if mrope:
-        positions = positions[None].expand(3, size, width)
+        positions = positions[None].repeat(3, 1, 1)
+        for row_index, column, given in axes:
+            positions[:, row_index, column] = torch.tensor(given, device=device)
+    elif axes:
+        raise ValueError("a decoding policy gave M-RoPE positions, but the backbone's positions are 1-D")
     mask = with_padding(causal_mask(size, valid.shape[1]), valid)
     return backbone.forward(chunk, positions, mask, cache, extras=extras or None), valid
 

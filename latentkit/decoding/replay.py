@@ -61,6 +61,8 @@ def replay_inputs(backbone: Backbone, trajectories: Sequence[Trajectory]) -> Rep
         rows.append(torch.cat([prompt_embeds[b, :prompt_length], generated.to(prompt_embeds.dtype), pad]))
         positions[..., b, :prompt_length] = prompts.position_ids[..., b, :prompt_length]
         positions[..., b, prompt_length : lengths[b]] = torch.tensor(trajectory.positions, device=device)
+        for i, given in trajectory.mrope_positions.items():
+            positions[:, b, prompt_length + i] = torch.tensor(given, device=device)
         valid[b, : lengths[b]] = True
         for name, values in trajectory.inputs_extras.items():
             for i, value in values.items():

@@ -17,7 +17,10 @@ class Trajectory:
     `kinds[i]` (segment kind code), `positions[i]` (rotary position; M-RoPE's three axes are equal after the
     prompt), `log_probs[i]` (under the sampling policy; 0 where `is_action[i]` is False: forced tokens and
     continuous inputs without a declared density), `emitted[i]` (part of the text), `vectors[i]` (the fed
-    vector, continuous positions only). The last position may be the end token, recorded but never fed."""
+    vector, continuous positions only). `mrope_positions[i]`: the (temporal, height, width) positions where a
+    policy fed vectors at M-RoPE positions whose axes differ (an image), `positions[i]` then their largest.
+    `captions[i]`: the policy's caption of the run of vectors starting at i. The last position may be the end
+    token, recorded but never fed."""
 
     prompt: Layout
     input_ids: list[int] = field(default_factory=list)
@@ -27,6 +30,8 @@ class Trajectory:
     is_action: list[bool] = field(default_factory=list)
     emitted: list[bool] = field(default_factory=list)
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    mrope_positions: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    captions: dict[int, str] = field(default_factory=dict)
     inputs_extras: dict[str, dict[int, Any]] = field(default_factory=dict)  # extra name -> position -> value
     decision_hidden: list[torch.Tensor] | None = None  # with record_hidden: the state each position came from
     finish_reason: str = "length"
@@ -55,6 +60,8 @@ class Trajectory:
         for name in ("input_ids", "kinds", "positions", "log_probs", "is_action", "emitted"):
             del getattr(self, name)[length:]
         self.vectors = {i: v for i, v in self.vectors.items() if i < length}
+        self.mrope_positions = {i: p for i, p in self.mrope_positions.items() if i < length}
+        self.captions = {i: c for i, c in self.captions.items() if i < length}
         for values in self.inputs_extras.values():
             for i in [i for i in values if i >= length]:
                 del values[i]
@@ -76,7 +83,8 @@ class Trajectory:
 
     def extend(self, builder: LayoutBuilder, segment_index: int, length: int | None = None) -> None:
         """Append the first `length` generated positions (all by default) to a prompt being continued: tokens
-        as ids, continuous inputs as embedding slots, each with its kind."""
+        as ids, continuous inputs as embedding slots, each with its kind. The layout gives embedding slots the
+        next consecutive positions, not the `mrope_positions` they were fed at."""
         length = len(self) if length is None else length
         index = 0
         while index < length:
@@ -103,6 +111,8 @@ class Trajectory:
             "is_action": self.is_action,
             "emitted": self.emitted,
             "vectors": {str(i): v.float().tolist() for i, v in self.vectors.items()},
+            "mrope_positions": {str(i): list(p) for i, p in self.mrope_positions.items()},
+            "captions": {str(i): c for i, c in self.captions.items()},
             "finish_reason": self.finish_reason,
             "text": self.text,
             "steps": self.steps,

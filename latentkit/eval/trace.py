@@ -26,7 +26,8 @@ def nearest_tokens(backbone: Backbone, vectors: torch.Tensor, top: int) -> list[
 
 
 def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> list[dict[str, Any]]:
-    """The trajectory as ordered pieces: {"text": str} and {"continuous": kind, "vectors": [...]}."""
+    """The trajectory as ordered pieces: {"text": str} and {"continuous": kind, "vectors": [...]}, the latter with
+    the policy's "caption" when it gave one."""
     pieces: list[dict[str, Any]] = []
     pending: list[int] = []
 
@@ -47,7 +48,10 @@ def trajectory_pieces(backbone: Backbone, trajectory: Trajectory, top: int) -> l
         while end in trajectory.vectors and trajectory.kinds[end] == kind:
             end += 1
         vectors = torch.stack([trajectory.vectors[i] for i in range(index, end)])
-        pieces.append({"continuous": kind_name(kind), "vectors": _vector_rows(backbone, vectors, top)})
+        piece = {"continuous": kind_name(kind), "vectors": _vector_rows(backbone, vectors, top)}
+        if index in trajectory.captions:
+            piece["caption"] = trajectory.captions[index]
+        pieces.append(piece)
         index = end
     flush()
     return pieces
@@ -90,6 +94,10 @@ def render_answer(
                 lines.extend(_text_lines(piece["text"], mark))
                 continue
             vectors = piece["vectors"]
+            if "caption" in piece:  # the policy's own account of the run (e.g. an image's codes)
+                first, *rest = piece["caption"].splitlines()
+                lines += [mark(f"⟦{first}⟧"), *(mark(f"    {line}") for line in rest)]
+                continue
             lines.append(mark(f"⟦{piece['continuous']} × {len(vectors)}⟧"))
             for step, row in enumerate(vectors, start=1):
                 nearest = " ".join(repr(token) for token in row["nearest"])

@@ -69,6 +69,15 @@ class GuidanceConfig(StrictModel):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
 
 
+class ImagineConfig(StrictModel):
+    """Interleaved decoding (`decoding.py`): the images the model imagines when it emits the image-start token."""
+
+    # Their merged (t, h, w) grid of positions; None: the prompt's last image's (synth-maze: the question board's).
+    grid: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
+    seed: int = 0  # the codes' generators, one per row, seeded by (seed, sample key)
+    force: bool = False  # the first generated token is the image-start token: an image imagined at once
+
+
 class LanguageConfig(StrictModel):
     """Stage `language`: target images read as MBAQ decodes of their codes, a share of them replaced at random."""
 
@@ -112,6 +121,7 @@ class LatentumConfig(StrictModel):
     quantizer: QuantizerConfig = QuantizerConfig()
     code_head: CodeHeadConfig = CodeHeadConfig()
     guidance: GuidanceConfig = GuidanceConfig()
+    imagine: ImagineConfig = ImagineConfig()
     language: LanguageConfig = LanguageConfig()
     vision: VisionConfig = VisionConfig()
     pixels: PixelDecoderConfig = PixelDecoderConfig()

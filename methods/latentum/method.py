@@ -9,7 +9,10 @@ Stages, in order:
 - `vision` (`vision.py`) trains the generation branch (`mome.py`) and the code head (`code_head.py`) to predict the
   target images' codes, the understanding branch frozen.
 - `pixels` (`pixels.py`) trains the pixel decoder that draws codes as images (`board_images`), with the VLM and MBAQ
-  frozen; it needs only the quantizer."""
+  frozen; it needs only the quantizer.
+
+Decoding (`decoding.py`): text, and on an emitted image-start token the image imagined as codes on the generation
+branch, then read back through the understanding branch as projector(z_q)."""
 
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from latentkit.methods.latentum.behaviour import (
     compare_behaviour,
     quantizer_report,
 )
-from latentkit.methods.latentum.code_head import CodeHead
+from latentkit.methods.latentum.code_head import CodeHead, GuidanceParams
 from latentkit.methods.latentum.config import CodeHeadConfig, LatentumConfig, QuantizerConfig
+from latentkit.methods.latentum.decoding import ImaginePolicy
 from latentkit.methods.latentum.language import language_loss
 from latentkit.methods.latentum.losses import vq_loss
 from latentkit.methods.latentum.mome import GenerationExperts, attach_experts
@@ -161,6 +165,14 @@ class Latentum(Method):
     @property
     def pixel_decoder(self) -> PixelDecoder:
         return self.modules["pixel_decoder"]  # type: ignore[return-value]
+
+    def decoding_policy(self) -> ImaginePolicy:
+        """Text, and on an emitted image-start token an image imagined as codes and read back (`decoding.py`)."""
+        guidance = GuidanceParams(**self.config.guidance.model_dump())
+        imagine = self.config.imagine
+        return ImaginePolicy(
+            self.quantizer, self.code_head, guidance, imagine.seed, imagine.grid, imagine.force
+        )
 
     def stage_freeze(self, stage: str) -> tuple[str, ...]:
         # quantizer: the VLM is the frozen reference whose behaviour MBAQ keeps; vision: the originals stay frozen

@@ -111,8 +111,9 @@ def continuous_policy(method: Method) -> ContinuousPolicy:
     policy = method.decoding_policy()
     if not isinstance(policy, ContinuousPolicy):
         raise ConfigError(
-            f"method {method.name!r} does not decode with continuous steps; diagnose needs a method whose "
-            "decoding policy emits them (a latentkit.latent.ContinuousPolicy), such as monet"
+            f"method {method.name!r} does not decode with continuous steps diagnose can vary (its policy is "
+            f"{type(policy).__name__}); diagnose needs a method whose decoding policy feeds hidden states back as "
+            "latents (a latentkit.latent.ContinuousPolicy: test-time K, forcing, interventions), such as monet"
         )
     return policy
 

@@ -1,0 +1,206 @@
+"""LatentUM's interleaved decoding (`methods/latentum/decoding.py`): the engine's cached, batched imagination
+against a naive loop of full forwards, the read-back at the image's M-RoPE grid (and its replay), reproducible
+codes, a budget that ends mid-image; and generate, eval, compare and diagnose on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from helpers import latentkit, train_args
+from latentkit.methods.latentum import Latentum, LatentumConfig
+from latentkit.methods.latentum.code_head import sample_codes
+from latentkit.methods.latentum.decoding import _row_seed
+from latentkit.methods.latentum.mome import ROUTE
+from latentkit.methods.latentum.targets import codes_to_inputs
+from latentkit.methods.latentum.vision import GENERATION
+
+from latentkit.backbone import build_backbone
+from latentkit.config import ModelSection
+from latentkit.decoding import SamplingParams, decode
+from latentkit.decoding.replay import decision_states, replay_forward
+from latentkit.errors import ConfigError
+from latentkit.layout import Kind, LayoutBuilder, collate, inputs_embeds
+from latentkit.masks import causal_mask
+from latentkit.records import load_split
+from latentkit.synth.maze import generate_synth_maze
+
+GRID = (1, 4, 4)  # synth-maze's boards at the tiny preset: 16 merged positions
+
+
+@pytest.fixture(scope="module")
+def method(tmp_path_factory):
+    root = tmp_path_factory.mktemp("maze")
+    generate_synth_maze(root, n_train=2, n_val=0, n_test=0)
+    torch.manual_seed(0)
+    latentum = Latentum(LatentumConfig())
+    latentum.setup(build_backbone(ModelSection(preset="tiny-qwen2.5-vl")))
+    with torch.no_grad():  # the generation branch differs from the text weights, so routing shows
+        for parameter in latentum.experts.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    latentum.samples = load_split(root, "train").samples
+    return latentum
+
+
+def prompts(method):
+    return [method.prompt(s).build(s.sample_id, s.dataset) for s in method.samples]
+
+
+def imagine(method, seed=0, max_new_tokens=40, record_hidden=False):
+    policy = replace(method.decoding_policy(), force=True, seed=seed)
+    return decode(method.backbone, prompts(method), SamplingParams(max_new_tokens), policy, record_hidden)
+
+
+@torch.no_grad()
+def naive_codes(method, layout, seed):
+    """The imagination by its definition, one full forward per position, no cache: the prompt, then image-start
+    and the drawn positions on the generation branch; the unconditional state from the block alone."""
+    backbone, guidance = method.backbone, method.decoding_policy().guidance
+    generator = torch.Generator().manual_seed(_row_seed(seed, layout.key))
+    prompt = collate([layout], backbone.tokenizer.pad_token_id)
+    start_position = int(prompt.position_ids.max()) + 1
+    pad = backbone.token_id(backbone.chat.image_pad)
+    grid = backbone.position_ids(torch.full((16,), pad), [(1, 8, 8)]) + start_position + 1
+    start = backbone.embed(torch.tensor([backbone.token_id(backbone.chat.vision_start)]))
+    block, block_positions = [start[0]], [torch.full((3,), start_position)]
+    codes = []
+    for index in range(16):
+        embeds = torch.cat([inputs_embeds(backbone, prompt)[0], torch.stack(block)])[None]
+        positions = torch.cat([prompt.position_ids[:, 0], torch.stack(block_positions, 1)], 1)[:, None]
+        route = torch.arange(embeds.shape[1])[None] >= len(layout)
+        cond = backbone.forward(embeds, positions, causal_mask(1, embeds.shape[1]), extras={ROUTE: route})
+        alone = torch.stack(block)[None]
+        uncond = backbone.forward(
+            alone,
+            torch.stack(block_positions, 1)[:, None],
+            causal_mask(1, len(block)),
+            extras={ROUTE: torch.ones(1, len(block), dtype=torch.bool)},
+        )
+        drawn = sample_codes(
+            method.code_head,
+            cond.last_hidden_state[:, -1],
+            uncond.last_hidden_state[:, -1],
+            guidance,
+            generator,
+        )
+        codes.append(drawn[0])
+        block.append(codes_to_inputs(backbone, method.quantizer, drawn)[0].to(start))
+        block_positions.append(grid[:, index])
+    return torch.stack(codes)
+
+
+def test_imagined_codes_equal_a_naive_loop_of_full_forwards(method):
+    trajectories = imagine(method)
+    for layout, trajectory in zip(prompts(method), trajectories):
+        assert trajectory.extras["imagined_grids"] == [list(GRID)]
+        assert (
+            torch.tensor(trajectory.extras["imagined_codes"][0]).tolist()
+            == naive_codes(method, layout, 0).tolist()
+        )
+
+
+def test_the_image_is_read_back_on_the_understanding_branch_at_its_grid(method):
+    backbone = method.backbone
+    trajectory = imagine(method, max_new_tokens=19)[
+        0
+    ]  # image-start, 15 positions, rewind, read-back, image-end
+    codes = torch.tensor(trajectory.extras["imagined_codes"][0])
+    start = backbone.token_id(backbone.chat.vision_start)
+    # the generation block is gone: the row holds image-start, the 16 decoded positions, image-end
+    assert GENERATION not in trajectory.kinds and not any(trajectory.inputs_extras.get(ROUTE, {}).values())
+    assert trajectory.input_ids[0] == start and trajectory.kinds[:18] == [int(Kind.AUX_IMAGE)] * 18
+    assert trajectory.input_ids[17] == backbone.token_id(backbone.chat.vision_end)
+    read = torch.stack([trajectory.vectors[i] for i in range(1, 17)])
+    with torch.no_grad():  # one position at a time there, all 16 at once here
+        assert torch.allclose(read, codes_to_inputs(backbone, method.quantizer, codes).to(read), atol=1e-6)
+    p = trajectory.positions[0] + 1
+    grid = [(p, p + i, p + j) for i in range(4) for j in range(4)]
+    assert [trajectory.mrope_positions.get(i, (trajectory.positions[i],) * 3) for i in range(1, 17)] == grid
+    assert trajectory.positions[17] == p + 4  # the text goes on one past the grid's largest position
+    assert trajectory.captions[1].splitlines()[0] == "imagined image 1: 16 positions x 4 codes"
+
+
+def test_a_replay_of_the_interleaved_trajectory_gives_the_states_it_was_decoded_from(method):
+    trajectories = imagine(method, max_new_tokens=24, record_hidden=True)
+    with torch.no_grad():
+        out, batch = replay_forward(method.backbone, trajectories)
+    for trajectory, states in zip(trajectories, decision_states(out, batch, trajectories)):
+        # from the read-back's first position on (before it, the rewound generation block decided)
+        decided = torch.stack(trajectory.decision_hidden[18:])
+        assert torch.allclose(states[18:].float(), decided.float(), atol=1e-4)
+
+
+def test_same_seed_same_codes_and_text_another_seed_other_codes(method):
+    first, again, other = imagine(method, seed=3), imagine(method, seed=3), imagine(method, seed=4)
+    assert [t.extras["imagined_codes"] for t in first] == [t.extras["imagined_codes"] for t in again]
+    assert [t.text for t in first] == [t.text for t in again]
+    assert [t.extras["imagined_codes"] for t in first] != [t.extras["imagined_codes"] for t in other]
+
+
+def test_a_budget_that_ends_mid_image_records_no_codes(method):
+    trajectory = imagine(method, max_new_tokens=8)[0]
+    assert trajectory.extras["imagined_images"] == 0 and trajectory.extras["imagined_codes"] == []
+    assert trajectory.finish_reason == "length"
+
+
+def test_a_prompt_without_an_image_needs_a_grid(method):
+    builder = LayoutBuilder(method.backbone)
+    builder.add_text("hello", int(Kind.TEXT), 0)
+    layout = builder.build("x", "toy")
+    with pytest.raises(ConfigError, match="method.imagine.grid"):
+        decode(method.backbone, [layout], SamplingParams(4), method.decoding_policy())
+    policy = replace(method.decoding_policy(), grid=(1, 2, 2), force=True)
+    trajectory = decode(method.backbone, [layout], SamplingParams(12), policy)[0]
+    assert len(trajectory.extras["imagined_codes"][0]) == 4
+
+
+# --- the CLI on a tiny trained run -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    steps = [f"train.stages.{stage}.steps=2" for stage in ("quantizer", "language", "vision")]
+    latentkit(
+        *train_args(out, "lum", "--method", "latentum", *steps, "data.synth.n_train=8", "data.synth.n_test=2")
+    )
+    return out / "lum"
+
+
+def test_generate_shows_the_imagined_images_codes(run):
+    args = ["generate", "--run", str(run), "-b", "synth-maze", "--max-new-tokens", "24"]
+    shown = latentkit(*args, "method.imagine.force=true").stdout
+    assert "⟦imagined image 1: 16 positions x 4 codes⟧" in shown
+    answer = json.loads(latentkit(*args, "method.imagine.force=true", "--json").stdout)
+    codes = answer["trajectories"][0]["extras"]["imagined_codes"]
+    assert len(codes) == 1 and len(codes[0]) == 16 and all(len(position) == 4 for position in codes[0])
+
+
+def test_eval_decodes_with_imagined_images_and_compare_reads_its_summary(run, tmp_path):
+    out = tmp_path / "maze.jsonl"
+    common = ["--benchmark", "synth-maze", "--limit", "2", "--max-new-tokens", "24", "--no-progress"]
+    latentkit("eval", "--run", str(run), *common, "--out", str(out), "method.imagine.force=true")
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["imagined_images"] for r in records] == [1, 1]
+    assert all(len(r["imagined_codes"][0]) == 16 for r in records)
+    summary = out.with_name("maze.summary.json")
+    latentkit("compare", str(summary), "--out", str(tmp_path / "cmp"))
+    assert "latentum" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_diagnose_refuses_latentum_in_one_line(run, tmp_path):
+    result = latentkit(
+        "diagnose",
+        "--run",
+        str(run),
+        "--benchmark",
+        "synth-maze",
+        "--limit",
+        "2",
+        "--out",
+        str(tmp_path),
+        check=False,
+    )
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()
+    assert len(error) == 1 and "latentum" in error[0] and "ContinuousPolicy" in error[0]
