@@ -89,3 +89,29 @@ def test_zero2_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     losses = {m["step"]: m["loss"] for m in metrics(tmp_path / "straight") if "loss" in m}
     after = {m["step"]: m["loss"] for m in metrics(tmp_path / "killed") if "loss" in m}
     assert after == losses  # the resumed steps repeat the uninterrupted run's losses exactly
+
+
+def test_zero2_monet_sft_stages_one_engine_per_stage_equal_ddp(tmp_path):
+    # three stages, each with its own engine and optimizer; the caches run on the module outside the engine
+    monet = [
+        "--method",
+        "monet",
+        "method.num_latents=2",
+        "data.synth.n_train=11",
+        "train.steps=2",
+        "train.checkpoint_every=1",
+        "train.batch_size=1",
+        "train.until=latent",  # stage vlpo (RL) runs with DDP
+    ]
+    accelerate_launch(ZERO2, *train_args(tmp_path, "zero2", *monet))
+    accelerate_launch(DDP, *train_args(tmp_path, "ddp", *monet))
+    run = tmp_path / "zero2"
+    assert {m["cache"] for m in metrics(run) if m.get("event") == "cache_built"} == {"teacher", "targets"}
+    stages = [m["stage"] for m in metrics(run) if "loss" in m]
+    assert stages == ["warmup", "warmup", "distill", "distill", "latent", "latent"]
+    zero = [m["loss"] for m in metrics(run) if "loss" in m]
+    ddp = [m["loss"] for m in metrics(tmp_path / "ddp") if "loss" in m]
+    assert zero == pytest.approx(ddp, rel=1e-5)
+    difference = relative_difference(final_weights(run), final_weights(tmp_path / "ddp"))
+    print(f"Monet under ZeRO-2 against DDP, relative difference of the final weights: {difference:.2e}")
+    assert difference < 1e-5
