@@ -18,7 +18,7 @@ from torch import nn
 
 from latentkit.backbone import Backbone
 from latentkit.backbone.lora import unwrap_lora
-from latentkit.distributed import is_sharded, load_state
+from latentkit.distributed import is_deepspeed_engine, is_sharded, load_state
 from latentkit.errors import CheckpointError, writing
 from latentkit.registry import Method
 
@@ -27,6 +27,10 @@ METHOD_FILE = "latentkit_method.json"
 METHOD_MODULES_FILE = "method_modules.safetensors"
 MANIFEST_FILE = "manifest.json"
 SHARDED_DIR = "sharded"  # FSDP2 checkpoints: every process's shards of model and optimizer
+DEEPSPEED_DIR = (
+    "deepspeed"  # DeepSpeed checkpoints: the engine's model states and each process's ZeRO partition
+)
+_DEEPSPEED_TAG = "state"
 _FINGERPRINT_BYTES = 1 << 20
 _HASH_CHUNK = 1 << 24
 _MODEL_FILE_SUFFIXES = frozenset(
@@ -137,8 +141,8 @@ def _load_rng_state(path: Path) -> None:
 def save_checkpoint(
     stage_dir: Path, step: int, accelerator: Any, module: nn.Module, optimizer, scheduler
 ) -> Path:
-    """Every process writes its RNG state into a temp dir (and, sharded, its shards of the model and optimizer);
-    the main process adds the rest and renames it."""
+    """Every process writes its RNG state into a temp dir (and, sharded, its shards of the model and optimizer; under
+    DeepSpeed, its part of the engine's checkpoint); the main process adds the rest and renames it."""
     final = checkpoint_dir(stage_dir, step)
     staging = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -148,8 +152,10 @@ def save_checkpoint(
     try:
         with writing(staging):
             _save_rng_state(staging / f"rng-{accelerator.process_index}.safetensors")
-            sharded = is_sharded(module)
-            if sharded:
+            sharded = is_sharded(module) or is_deepspeed_engine(module)
+            if is_deepspeed_engine(module):
+                module.save_checkpoint(str(staging / DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, save_latest=False)
+            elif sharded:
                 save_sharded(module, optimizer, staging / SHARDED_DIR)
             if accelerator.is_main_process:
                 if not sharded:
@@ -178,7 +184,9 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
             f"{path} was written by {state['num_processes']} processes; resume it with the same number "
             f"(got {accelerator.num_processes}) so the data order stays the same"
         )
-    if (path / SHARDED_DIR).is_dir():
+    if (path / DEEPSPEED_DIR).is_dir() or is_deepspeed_engine(module):
+        load_deepspeed(module, path)
+    elif (path / SHARDED_DIR).is_dir():
         if not is_sharded(module):
             raise CheckpointError(
                 f"{path} holds sharded (FSDP2) weights: resume it under the same accelerate config (FSDP)"
@@ -198,6 +206,20 @@ def load_checkpoint_into(path: Path, accelerator: Any, module: nn.Module, optimi
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _load_rng_state(path / f"rng-{accelerator.process_index}.safetensors")
     return int(state["step"])
+
+
+def load_deepspeed(engine: Any, path: Path) -> None:
+    """The engine's weights, fp32 master partitions and optimizer state (the scheduler is latentkit's own)."""
+    if not (path / DEEPSPEED_DIR).is_dir() or not is_deepspeed_engine(engine):
+        raise CheckpointError(
+            f"{path} was written {'without' if is_deepspeed_engine(engine) else 'under'} DeepSpeed: resume it under "
+            "the accelerate config it was written with"
+        )
+    loaded, _ = engine.load_checkpoint(
+        str(path / DEEPSPEED_DIR), tag=_DEEPSPEED_TAG, load_lr_scheduler_states=False
+    )
+    if loaded is None:
+        raise CheckpointError(f"{path / DEEPSPEED_DIR} holds no DeepSpeed checkpoint the engine can load")
 
 
 def save_sharded(module: nn.Module, optimizer: Any, directory: Path) -> None:

@@ -1,5 +1,6 @@
-"""Sharded training through accelerate: the engine a launch asked for, FSDP2 on any device (gloo on CPU), and
-the paths outside the training forward (caches, eval, loading and saving weights) on sharded weights.
+"""Sharded training through accelerate: the engine a launch asked for, FSDP2 on any device (gloo on CPU), DeepSpeed
+ZeRO-2 (one engine per stage), and the paths outside the training forward (caches, eval, loading and saving weights)
+on sharded weights.
 
 Under FSDP2 a parameter is a DTensor holding this process's shard. Code that calls submodules directly (the
 backbone's `embed`, a cache's forward, the decoding engine) runs inside `full_weights`, which all-gathers every
@@ -9,6 +10,7 @@ unequal work there (a striped cache, an eval on the main process) without one wa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -69,6 +71,49 @@ def engage_fsdp(accelerator: Any, plugin: Any) -> None:
             f"the accelerate config asks for FSDP but accelerate set up {state.distributed_type.value}: launch "
             "with more than one process (num_processes in the accelerate config)"
         )
+
+
+DRIVEN_ZERO_STAGES = (2,)
+
+
+def deepspeed_plugin() -> Any:
+    """The launch's DeepSpeed settings (accelerate's config file), when latentkit drives them: DeepSpeed installed and
+    a ZeRO stage the trainer runs. Call before the `Accelerator` exists."""
+    from accelerate.utils import DeepSpeedPlugin, is_deepspeed_available
+
+    if not is_deepspeed_available():
+        raise ConfigError(
+            'the accelerate config asks for DeepSpeed, which is not installed: pip install -e ".[deepspeed]" (or '
+            "launch with configs/accelerate/fsdp.yaml)"
+        )
+    plugin = DeepSpeedPlugin()  # reads the deepspeed_config of the accelerate config file
+    if plugin.zero_stage not in DRIVEN_ZERO_STAGES:
+        raise ConfigError(
+            f"the accelerate config asks for DeepSpeed ZeRO stage {plugin.zero_stage}, which latentkit's trainer does "
+            "not drive: use configs/accelerate/deepspeed_zero2.yaml (zero_stage: 2), or fsdp.yaml to shard the "
+            "weights too (like ZeRO-3)"
+        )
+    return plugin
+
+
+def configure_deepspeed_stage(
+    accelerator: Any, batch_size: int, grad_accum: int, max_grad_norm: float | None
+) -> None:
+    """A stage's batch, accumulation and clipping, handed to the DeepSpeed engine its `prepare` builds: the engine
+    scales the loss by the accumulation steps and clips in its own step (accelerate's config values are replaced)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["train_batch_size"] = batch_size * grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = 0.0 if max_grad_norm is None else max_grad_norm  # 0: no clipping
+    accelerator.gradient_accumulation_steps = (
+        grad_accum  # `accelerator.accumulate` marks the last micro-batch
+    )
+
+
+def is_deepspeed_engine(module: nn.Module) -> bool:
+    deepspeed = sys.modules.get("deepspeed")  # never imported: no engine exists
+    return deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine)
 
 
 def is_sharded(module: nn.Module) -> bool:

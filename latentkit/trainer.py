@@ -3,9 +3,10 @@
 Run directory (`runs/<name>/`): `config.yaml`, `metrics.jsonl`, `data/` (embedded task), per stage
 `stages/<stage>/checkpoints/step-XXXXXXXX/` and `stages/<stage>/final/`, and `final/` after the last stage.
 Checkpoints are written atomically (temp dir + rename) and hold model, optimizer, scheduler, every process's
-RNG states and the step (under FSDP2 model and optimizer as every process's shards); the data order is a pure
-function of (seed, stage, step), so resuming continues the exact batch sequence. Engines: DDP, or FSDP2 when the
-accelerate launch asks for it (`latentkit.distributed`).
+RNG states and the step (under FSDP2 model and optimizer as every process's shards, under DeepSpeed the engine's
+own checkpoint with each process's optimizer partition); the data order is a pure function of (seed, stage, step),
+so resuming continues the exact batch sequence. Engines: DDP, or FSDP2 or DeepSpeed ZeRO-2 when the accelerate
+launch asks for it (`latentkit.distributed`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from latentkit.data import load_training_records
 from latentkit.distributed import (
     Engine,
     check_sharded,
+    configure_deepspeed_stage,
+    deepspeed_plugin,
     engage_fsdp,
     fsdp_plugin,
     full_state_dict,
@@ -287,23 +290,29 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
             "when the run starts); use bf16 for that stage"
         )
     engine = requested_engine()
-    if engine == "deepspeed":
-        raise ConfigError(
-            "the accelerate config asks for DeepSpeed, which latentkit's training loop does not drive yet: launch "
-            "with configs/accelerate/fsdp.yaml (FSDP2 shards weights, gradients and optimizer state, like ZeRO-3)"
-        )
-    plugin, checkpointing = None, False
+    kinds = {stage: method_cls.stage_kind(stage) for stage in chosen}
+    plugin, checkpointing, zero = None, False, None
     if engine == "fsdp2":
-        _check_fsdp_settings(config, precision, {stage: method_cls.stage_kind(stage) for stage in chosen})
+        _check_fsdp_settings(config, precision, kinds)
         plugin, checkpointing = fsdp_plugin(config.train.mixed_precision, config.train.reduce_dtype)
+    elif engine == "deepspeed":
+        _check_deepspeed_settings(config, kinds)
+        zero = deepspeed_plugin()
     directory = prepare_run_directory(config, resume)
+    if zero is not None and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")  # accelerate names no backend for DeepSpeed on CPU
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # without CUDA, torchrun-launched processes use gloo (MULTI_CPU)
-        mixed_precision=config.train.mixed_precision,
+        # without CUDA, torchrun-launched processes use gloo (MULTI_CPU); DeepSpeed runs only with cpu=False
+        cpu=zero is None and not torch.cuda.is_available(),
+        # the DeepSpeed engine keeps float32 weights: the loss runs under latentkit's autocast (`TrainModule`)
+        mixed_precision="no" if zero is not None else config.train.mixed_precision,
         log_with="wandb" if config.train.wandb.mode != "disabled" else None,
         project_dir=str(directory),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         fsdp_plugin=plugin,
+        deepspeed_plugin=zero,
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
     )
     if plugin is not None:
@@ -357,7 +366,9 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     if evaluator is not None and config.train.eval_every is not None and accelerator.is_main_process:
         run.evaluator = evaluator(method, config, directory)
     module: nn.Module = TrainModule(backbone, method, precision)
-    if engine == "ddp":  # FSDP2 shards it in the first stage's prepare, with that stage's optimizer
+    if (
+        engine == "ddp"
+    ):  # FSDP2 shards it, DeepSpeed wraps it in each stage's prepare, with that stage's optimizer
         module = accelerator.prepare_model(module)
     run.trainable = trainable_parameters(backbone, method)
     selected = [(i, stage) for i, stage in enumerate(stages) if stage in chosen]
@@ -380,18 +391,37 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     return directory
 
 
-def _check_fsdp_settings(config: LatentkitConfig, precision: dict[str, str], kinds: dict[str, str]) -> None:
-    """What FSDP2 runs cannot do yet: a per-stage compute precision, LoRA, RL stages (`kinds`: the stages the
-    run trains)."""
+def _refuse_rl_stages(kinds: dict[str, str], engine: str) -> None:
+    """`kinds`: the stages the run trains; only supervised ones run under `engine`."""
     for stage, kind in kinds.items():
         if kind != "supervised":
             names = list(kinds)
             before = names[: names.index(stage)]
             until = f"train.until={before[-1]}, then " if before else ""
             raise ConfigError(
-                f"stage {stage!r} is a {kind!r} stage, which does not run under FSDP yet: run {until}stage {stage} "
-                f"with DDP (configs/accelerate/ddp.yaml) and train.stage={stage}"
+                f"stage {stage!r} is a {kind!r} stage, which does not run under {engine} yet: run {until}stage "
+                f"{stage} with DDP (configs/accelerate/ddp.yaml) and train.stage={stage}"
             )
+
+
+def _check_deepspeed_settings(config: LatentkitConfig, kinds: dict[str, str]) -> None:
+    """What DeepSpeed runs cannot do yet: RL stages, fp16 (DeepSpeed's own loss scaler), LoRA."""
+    _refuse_rl_stages(kinds, "DeepSpeed")
+    if config.train.mixed_precision == "fp16":
+        raise ConfigError(
+            "train.mixed_precision=fp16 is not supported under DeepSpeed (its fp16 engine is not driven): use bf16, "
+            "or fp16 with DDP (configs/accelerate/ddp.yaml)"
+        )
+    if config.model.lora.enabled:
+        raise ConfigError(
+            "model.lora.enabled is not supported under DeepSpeed: train LoRA with DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
+def _check_fsdp_settings(config: LatentkitConfig, precision: dict[str, str], kinds: dict[str, str]) -> None:
+    """What FSDP2 runs cannot do yet: a per-stage compute precision, LoRA, RL stages (`kinds`: the stages the
+    run trains)."""
+    _refuse_rl_stages(kinds, "FSDP")
     for stage, value in precision.items():
         if value != config.train.mixed_precision:
             raise ConfigError(
@@ -406,13 +436,15 @@ def _check_fsdp_settings(config: LatentkitConfig, precision: dict[str, str], kin
 
 @dataclass
 class StageStart:
-    """A stage ready for its first step: its settings, folder, optimizer, scheduler and the step it starts at."""
+    """A stage ready for its first step: its settings, folder, optimizer, scheduler, the step it starts at, and the
+    module to train (the stage's DeepSpeed engine, or the run's module)."""
 
     train: TrainSection
     directory: Path
     optimizer: Any
     scheduler: Any
     step: int
+    model: nn.Module
 
 
 def start_stage(
@@ -456,8 +488,16 @@ def start_stage(
     freeze = [*frozen_groups(run.backbone, train_cfg.freeze), *run.method.stage_freeze(stage)]
     groups = freeze_and_group(run.backbone, run.method, freeze, train_cfg.module_lr, run.trainable)
     optimizer = build_optimizer(groups, train_cfg)
+    model = module
     if run.engine == "fsdp2":
         optimizer, scheduler = _prepare_fsdp2(run, accelerator, module, optimizer, train_cfg, stage)
+    elif run.engine == "deepspeed":
+        configure_deepspeed_stage(
+            accelerator, train_cfg.batch_size, train_cfg.grad_accum, train_cfg.max_grad_norm
+        )
+        model, optimizer, scheduler = accelerator.prepare(
+            module, optimizer, build_scheduler(optimizer, train_cfg)
+        )
     else:
         optimizer = accelerator.prepare_optimizer(optimizer)
         scheduler = build_scheduler(optimizer, train_cfg)
@@ -466,10 +506,10 @@ def start_stage(
     start_step = 0
     checkpoint = _resume_checkpoint(accelerator, stage_dir)
     if checkpoint is not None:
-        start_step = load_checkpoint_into(checkpoint, accelerator, module, optimizer, scheduler)
+        start_step = load_checkpoint_into(checkpoint, accelerator, model, optimizer, scheduler)
         accelerator.print(f"stage {stage}: resumed from {checkpoint} at step {start_step}")
         _log(run, accelerator, {"event": "resume", "stage": stage, "step": start_step})
-    return StageStart(train_cfg, stage_dir, optimizer, scheduler, start_step)
+    return StageStart(train_cfg, stage_dir, optimizer, scheduler, start_step, model)
 
 
 def _prepare_fsdp2(
@@ -503,12 +543,15 @@ def _run_precision(run: Run, accelerator: Any, stage: str):
 def finish_stage(
     run: Run, accelerator: Any, stage: str, stage_dir: Path, module: nn.Module | None = None
 ) -> None:
-    """`final/`: the full weights in HF format (gathered from the shards under FSDP2, every process taking part)."""
+    """`final/`: the full weights in HF format (gathered from the shards under FSDP2, every process taking part).
+    A stage's DeepSpeed engine ends here (the next stage prepares its own on the same module)."""
     accelerator.wait_for_everyone()
     weights = full_state_dict(module) if module is not None and is_sharded(module) else None
     if accelerator.is_main_process:
         save_final(run.backbone, run.method, stage, stage_dir / "final", weights)
     accelerator.wait_for_everyone()
+    if run.engine == "deepspeed":
+        accelerator.free_memory()
 
 
 def _run_stage(
@@ -564,7 +607,7 @@ def _run_stage(
     _loop(
         run,
         accelerator,
-        module,
+        started.model,
         started.optimizer,
         started.scheduler,
         iter(loader),
@@ -609,6 +652,7 @@ def _loop(
     from tqdm.auto import tqdm
 
     trainable = [p for p in module.parameters() if p.requires_grad]
+    deepspeed = run.engine == "deepspeed"
     bar = tqdm(
         total=train_cfg.steps,
         initial=start_step,
@@ -624,15 +668,16 @@ def _loop(
         for micro in range(train_cfg.grad_accum):
             batch = next(batches).to(accelerator.device)
             last_micro = micro == train_cfg.grad_accum - 1
-            with nullcontext() if last_micro else accelerator.no_sync(module):
+            with _accumulating(accelerator, module, last_micro, deepspeed):
                 out = module(batch, stage, StageProgress(step, train_cfg.steps))
-                accelerator.backward(out.loss / train_cfg.grad_accum)
+                # DeepSpeed divides by its accumulation steps itself, and steps on the last micro-batch
+                accelerator.backward(out.loss if deepspeed else out.loss / train_cfg.grad_accum)
             loss += out.loss.detach() / train_cfg.grad_accum
             for key, value in out.metrics.items():
                 averages[key] = averages.get(key, 0.0) + float(value) / train_cfg.grad_accum
             tokens += int(batch.valid.sum())
         grad_norm = None
-        if train_cfg.max_grad_norm is not None:
+        if train_cfg.max_grad_norm is not None:  # DeepSpeed has clipped in its step and returns the norm
             grad_norm = _full(accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm))
         optimizer.step()
         scheduler.step()
@@ -656,6 +701,14 @@ def _loop(
             _evaluate(run, accelerator, module, stage, done)
         checkpoint_if_due(run, accelerator, module, optimizer, scheduler, stage, stage_dir, done, train_cfg)
     bar.close()
+
+
+def _accumulating(accelerator: Any, module: nn.Module, last_micro: bool, deepspeed: bool):
+    """Gradients sync on the last micro-batch only: DDP skips its all-reduce before it, and accelerate's DeepSpeed
+    engine learns the accumulation boundary (it counts the micro-batches of this stage's engine)."""
+    if deepspeed:
+        return accelerator.accumulate(module)
+    return nullcontext() if last_micro else accelerator.no_sync(module)
 
 
 def checkpoint_if_due(

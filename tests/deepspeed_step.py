@@ -1,7 +1,7 @@
 """Launched by tests/test_deepspeed.py: two optimizer steps of the `sft` method's training module under DeepSpeed
 ZeRO through `accelerator.prepare`, on the processes of an `accelerate launch` (CPU, gloo). Prints one JSON line
-per process. latentkit's trainer does not drive DeepSpeed yet (README, "DeepSpeed ZeRO"); this checks what the
-engine itself does with latentkit's module.
+per process. This checks what the engine itself does with latentkit's module, ZeRO-3 included (which the trainer
+does not drive yet; README, "DeepSpeed ZeRO").
 
     accelerate launch --config_file <deepspeed config> tests/deepspeed_step.py OUT_DIR
 """
