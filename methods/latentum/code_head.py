@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from latentkit.decoding.sampling import SamplingParams, policy_log_probs
+
 
 class CodeHead(nn.Module):
     """hidden [n, D] (+ sub-codes long [n, C]) -> logits [n, C, N]."""
@@ -69,16 +71,9 @@ def guided_probabilities(cond: Tensor, uncond: Tensor, params: GuidanceParams) -
     l = uncond + scale * (cond - uncond), divided by the temperature; then only the top_k largest entries are
     kept, and of those the smallest set, by descending probability, whose mass reaches top_p (the entry that
     crosses top_p included); renormalised."""
-    logits = (uncond + params.scale * (cond - uncond)).float() / params.temperature
-    k = min(params.top_k, logits.shape[-1])
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(-1)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
-    logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)
+    guided = uncond + params.scale * (cond - uncond)
+    policy = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    return policy_log_probs(guided, policy).exp()  # the token sampler's own temperature, top-k and top-p
 
 
 @torch.no_grad()
