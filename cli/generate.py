@@ -31,6 +31,11 @@ def generate_command(
     as_json: bool = typer.Option(
         False, "--json", help="Print the whole answer and its trajectories as JSON."
     ),
+    save_images: Path = typer.Option(
+        None,
+        "--save-images",
+        help="Write the images the method drew while answering (e.g. imagined boards) as PNGs into this directory.",
+    ),
 ) -> None:
     """Generate one answer and print its trace: text, latent segments, observations, answer and gold."""
     import json
@@ -42,6 +47,7 @@ def generate_command(
     from latentkit.eval.runner import score_answer
     from latentkit.eval.scorers import get_scorer
     from latentkit.eval.trace import answer_json, render_answer
+    from latentkit.images import save_images as save_image_files
 
     if (benchmark is None) == (prompt is None):
         raise ConfigError(
@@ -57,7 +63,19 @@ def generate_command(
         raise ConfigError(f"--nearest must be at least 1, got {nearest}")
     if run is None and checkpoint is None:
         raise ConfigError("pass --run DIR (a training run) or --checkpoint DIR (a model directory)")
+    if save_images is not None and save_images.exists() and not save_images.is_dir():
+        raise ConfigError(f"--save-images {save_images} is a file: pass a directory")
+    if save_images is not None and any(save_images.glob("image-*.png")):
+        raise ConfigError(
+            f"--save-images {save_images} already holds images (image-NNN.png), which would be overwritten: pass an "
+            "empty or new directory"
+        )
     model = load(run if run is not None else checkpoint, overrides or ())
+    if save_images is not None and not model.method.draws_images:
+        raise ConfigError(
+            f"--save-images: method {model.method.name} draws no images while it answers (it has no "
+            "trajectory_images hook); leave the option out"
+        )
     budget, scorer, question = max_new_tokens or 256, None, None
     if benchmark is not None:
         question, scorer, budget = _benchmark_question(model, benchmark, split, data, index, max_new_tokens)
@@ -66,12 +84,24 @@ def generate_command(
     )
     (answer,) = generate(model, question or prompt, image, sampling, aux_images)  # type: ignore[arg-type]
     score = score_answer(answer, get_scorer(scorer)) if scorer is not None else None
+    saved = []
+    if save_images is not None:
+        drawn = [image for t in answer.trajectories for image in model.method.trajectory_images(t)]
+        saved = [str(path) for path in save_image_files(drawn, save_images)]
     if as_json:
-        json.dump(answer_json(model.backbone, answer, score, nearest), sys.stdout, indent=1)
+        shown = answer_json(model.backbone, answer, score, nearest)
+        if save_images is not None:
+            shown["saved_images"] = saved
+        json.dump(shown, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return
     typer.echo(f"method {model.method.name} · {model.model_dir} · sample {answer.sample.sample_id}")
     typer.echo(render_answer(model.backbone, answer, score, nearest, color=sys.stdout.isatty()))
+    if save_images is not None:
+        if not saved:
+            typer.echo(f"the answer drew no images; nothing written to {save_images}")
+        else:
+            typer.echo(f"saved {len(saved)} image(s) to {save_images}" + "".join(f"\n  {p}" for p in saved))
 
 
 def _benchmark_question(

@@ -19,6 +19,8 @@ from torch import nn
 from latentkit.errors import RegistryError
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from latentkit.backbone import Backbone
     from latentkit.decoding import DecodingPolicy, SamplingParams, Trajectory
     from latentkit.layout import Batch, Layout, LayoutBuilder
@@ -189,6 +191,17 @@ class Method(ABC):
         if not latents and isinstance(policy, ContinuousPolicy):
             return policy.varied(k=0)
         return policy
+
+    def trajectory_images(self, trajectory: Trajectory) -> list[Image.Image]:
+        """Hook for `latentkit generate --save-images`: the images the method drew while decoding `trajectory`, in
+        order (e.g. the boards it imagined, through its own pixel decoder). Default: none; a method that draws
+        images overrides it (`draws_images` tells)."""
+        return []
+
+    @property
+    def draws_images(self) -> bool:
+        """Whether this method overrides `trajectory_images`."""
+        return type(self).trajectory_images is not Method.trajectory_images
 
     def oracle_latents(self, samples: list[Sample], run_dir: Path | None) -> list[torch.Tensor] | None:
         """Hook for `latentkit diagnose`: per sample [blocks, K, D], an oracle's hidden states at the sample's

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import latentkit, train_args
@@ -16,7 +18,9 @@ from latentkit.methods.latentum.decoding import _row_seed
 from latentkit.methods.latentum.mome import ROUTE
 from latentkit.methods.latentum.targets import codes_to_inputs
 from latentkit.methods.latentum.vision import GENERATION
+from PIL import Image
 
+import latentkit as lk
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection
 from latentkit.decoding import SamplingParams, decode
@@ -160,7 +164,7 @@ def test_a_prompt_without_an_image_needs_a_grid(method):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    steps = [f"train.stages.{stage}.steps=2" for stage in ("quantizer", "language", "vision")]
+    steps = [f"train.stages.{stage}.steps=2" for stage in ("quantizer", "language", "vision", "pixels")]
     latentkit(
         *train_args(out, "lum", "--method", "latentum", *steps, "data.synth.n_train=8", "data.synth.n_test=2")
     )
@@ -174,6 +178,24 @@ def test_generate_shows_the_imagined_images_codes(run):
     answer = json.loads(latentkit(*args, "method.imagine.force=true", "--json").stdout)
     codes = answer["trajectories"][0]["extras"]["imagined_codes"]
     assert len(codes) == 1 and len(codes[0]) == 16 and all(len(position) == 4 for position in codes[0])
+
+
+def test_generate_saves_the_imagined_boards_as_the_pixel_decoder_draws_them(run, tmp_path):
+    out = tmp_path / "boards"
+    args = ["generate", "--run", str(run), "-b", "synth-maze", "--max-new-tokens", "24"]
+    args += ["--save-images", str(out), "method.imagine.force=true"]
+    answer = json.loads(latentkit(*args, "--json").stdout)
+    (codes,) = answer["trajectories"][0]["extras"]["imagined_codes"]
+    (saved,) = [Path(path) for path in answer["saved_images"]]
+    assert saved == out / "image-001.png"
+    (expected,) = lk.load(run).method.board_images([torch.tensor(codes)], GRID[1:])
+    question_board = Image.open(load_split(run / "data" / "synth-maze", "test").samples[0].images[0])
+    assert Image.open(saved).size == expected.size == question_board.size
+    assert np.array_equal(np.array(Image.open(saved)), np.array(expected))
+    before = saved.read_bytes()
+    again = latentkit(*args, check=False)  # the same directory again: refused, the first PNG kept
+    assert again.returncode == 2 and "already holds images" in again.stderr
+    assert "\n" not in again.stderr.strip() and saved.read_bytes() == before
 
 
 def test_eval_decodes_with_imagined_images_and_compare_reads_its_summary(run, tmp_path):

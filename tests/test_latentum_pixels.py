@@ -20,7 +20,6 @@ from latentkit.methods.latentum.pixels import (
     encode_images,
     pixel_loss,
     psnr,
-    save_board_images,
     to_image,
     token_grid,
 )
@@ -31,6 +30,7 @@ import latentkit as lk
 from latentkit.backbone import build_backbone
 from latentkit.config import ModelSection, build_config
 from latentkit.errors import CheckpointError, ConfigError, DataError
+from latentkit.images import save_images
 from latentkit.layout import collate
 from latentkit.optim import freeze_and_group, trainable_parameters
 from latentkit.records import load_split
@@ -169,12 +169,12 @@ def test_an_untrained_decoder_draws_nothing_and_an_existing_png_is_kept(method, 
         fresh.board_images(codes, (4, 4))
     assert "\n" not in str(caught.value)
     images = [to_image(torch.rand(3, 8, 8)), to_image(torch.rand(3, 8, 8))]
-    paths = save_board_images(images, tmp_path / "boards")
+    paths = save_images(images, tmp_path / "boards", "board")
     assert [p.name for p in paths] == ["board-001.png", "board-002.png"]
     assert all(np.array_equal(np.array(Image.open(p)), np.array(i)) for p, i in zip(paths, images))
     before = paths[1].read_bytes()
     with pytest.raises(ConfigError, match="board-001.png exists and would be overwritten") as caught:
-        save_board_images(images[::-1], tmp_path / "boards")
+        save_images(images[::-1], tmp_path / "boards", "board")
     assert "\n" not in str(caught.value) and paths[1].read_bytes() == before
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from latentkit.methods.latentum.behaviour import (
@@ -41,7 +41,6 @@ from latentkit.methods.latentum.pixels import (
     check_decoder_trained,
     decode_codes,
     pixel_stage_loss,
-    save_board_images,
     to_image,
 )
 from latentkit.methods.latentum.quantizer import MBAQ
@@ -57,10 +56,14 @@ from PIL import Image
 from latentkit.backbone import Backbone
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
 from latentkit.errors import ConfigError, DataError
+from latentkit.images import save_images
 from latentkit.layout import Batch, Layout, LayoutBuilder, collate
 from latentkit.masks import MaskSpec
 from latentkit.registry import LossOutput, Method, StageContext, StageProgress
 from latentkit.segments import Sample
+
+if TYPE_CHECKING:
+    from latentkit.decoding import Trajectory
 
 
 def build_quantizer(config: QuantizerConfig, backbone: Backbone) -> MBAQ:
@@ -125,7 +128,7 @@ class Latentum(Method):
         "train": {
             "stages": {
                 "quantizer": {"steps": 30, "lr": 1.0e-3},
-                "language": {"steps": 20, "lr": 1.0e-4},
+                "language": {"steps": 300, "lr": 2.0e-3},
                 "vision": {"steps": 30, "lr": 1.0e-3},
                 "pixels": {"steps": 300, "lr": 2.0e-3},
             }
@@ -305,4 +308,14 @@ class Latentum(Method):
         self, codes: Sequence[torch.Tensor], grid: Grid, directory: Path, prefix: str = "board"
     ) -> list[Path]:
         """`board_images` written as `directory/<prefix>-001.png`, ...; an existing file is never replaced."""
-        return save_board_images(self.board_images(codes, grid), directory, prefix)
+        return save_images(self.board_images(codes, grid), directory, prefix)
+
+    def trajectory_images(self, trajectory: Trajectory) -> list[Image.Image]:
+        """The boards `trajectory` imagined (`extras["imagined_codes"]`, laid out on `extras["imagined_grids"]`),
+        drawn by the pixel decoder."""
+        codes = trajectory.extras.get("imagined_codes", [])
+        grids = trajectory.extras.get("imagined_grids", [])
+        return [
+            self.board_images([torch.tensor(image_codes)], (height, width))[0]
+            for image_codes, (_, height, width) in zip(codes, grids, strict=True)
+        ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from latentkit.backbone import Backbone
-from latentkit.errors import CheckpointError, ConfigError, DataError
+from latentkit.errors import CheckpointError, DataError
 from latentkit.layout import Batch
 from latentkit.registry import LossOutput
 
@@ -162,19 +161,3 @@ def to_image(pixels: Tensor) -> Image.Image:
     """RGB [3, H, W] in [0, 1] (clamped) -> an 8-bit PIL image."""
     array = (pixels.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array), "RGB")
-
-
-def save_board_images(images: Sequence[Image.Image], directory: Path, prefix: str = "board") -> list[Path]:
-    """Write `directory/<prefix>-<index>.png` (index from 1, zero-padded); refuses, before writing any, to replace
-    a file that exists."""
-    directory = Path(directory)
-    paths = [directory / f"{prefix}-{index:03d}.png" for index in range(1, len(images) + 1)]
-    existing = [path for path in paths if path.exists()]
-    if existing:
-        raise ConfigError(
-            f"{existing[0]} exists and would be overwritten: save the boards into an empty directory or another prefix"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths):
-        image.save(path, format="PNG")
-    return paths
