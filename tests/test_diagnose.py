@@ -15,7 +15,6 @@ from helpers import latentkit, train_args
 from latentkit.cli.app import main
 from latentkit.kernels.dispatch import attend, prepare_mask
 from latentkit.methods.monet.channel import CONDITIONS as CHANNEL_CONDITIONS
-from latentkit.methods.monet.channel import answer_span
 from latentkit.methods.monet.layout import teacher_layout
 from latentkit.methods.monet.method import TARGETS, swapped_weights
 from PIL import Image
@@ -24,6 +23,7 @@ from latentkit.decoding import DecodingPolicy, Embeddings, SamplingParams, Step,
 from latentkit.eval.answer import answer_samples
 from latentkit.eval.benchmarks import get_benchmark
 from latentkit.eval.diagnose import DiagnoseOptions, cross_input_cosine, diagnose
+from latentkit.eval.diagnose.forced import answer_span
 from latentkit.eval.diagnose.hidden import attention_probabilities
 from latentkit.eval.model import load_eval_model
 from latentkit.eval.runner import load_eval_set

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import latentkit, train_args
 from latentkit.methods.latentum import Latentum, LatentumConfig
+from latentkit.methods.latentum.channel import CONDITIONS as CHANNEL_CONDITIONS
 from latentkit.methods.latentum.code_head import sample_codes
 from latentkit.methods.latentum.decoding import _row_seed
 from latentkit.methods.latentum.mome import ROUTE
@@ -26,6 +27,7 @@ from latentkit.config import ModelSection
 from latentkit.decoding import SamplingParams, decode
 from latentkit.decoding.replay import decision_states, replay_forward
 from latentkit.errors import ConfigError
+from latentkit.latent import ContinuousPolicy, Identity, Zeros
 from latentkit.layout import Kind, LayoutBuilder, collate, inputs_embeds
 from latentkit.masks import causal_mask
 from latentkit.records import load_split
@@ -149,6 +151,45 @@ def test_a_budget_that_ends_mid_image_records_no_codes(method):
     assert trajectory.finish_reason == "length"
 
 
+def test_k_limits_the_positions_drawn_and_read_back_and_k_0_imagines_nothing(method):
+    whole = imagine(method, max_new_tokens=24)
+    backbone, start = method.backbone, method.backbone.token_id(method.backbone.chat.vision_start)
+    end = backbone.token_id(backbone.chat.vision_end)
+    for k in (4, 0):
+        policy = method.decoding_policy().varied(k=k, force=True)
+        assert isinstance(policy, ContinuousPolicy) and policy.intervention is None
+        trajectories = decode(backbone, prompts(method), SamplingParams(24), policy)
+        for full, part in zip(whole, trajectories):
+            blocks = part.blocks(int(Kind.AUX_IMAGE))
+            assert part.input_ids[0] == start and part.input_ids[k + 1] == end
+            if k == 0:
+                assert blocks == [] and part.extras["imagined_codes"][0] == []
+                continue
+            # the same generator draws the same first k positions as the whole image's
+            assert part.extras["imagined_codes"][0] == full.extras["imagined_codes"][0][:k]
+            assert [b.shape[0] for b in blocks][:1] == [k]
+            p = part.positions[0] + 1
+            read = [part.mrope_positions.get(i, (part.positions[i],) * 3) for i in range(1, k + 1)]
+            assert read == [(p, p, p + j) for j in range(k)]  # the grid's first row, in raster order
+
+
+def test_an_intervention_replaces_what_the_understanding_branch_reads_not_what_is_drawn(method):
+    baseline = imagine(method, max_new_tokens=24)
+    identity = decode(
+        method.backbone,
+        prompts(method),
+        SamplingParams(24),
+        method.decoding_policy().varied(force=True, intervention=Identity()),
+    )
+    assert [t.input_ids for t in identity] == [t.input_ids for t in baseline]
+    assert all(torch.equal(a.vectors[i], b.vectors[i]) for a, b in zip(identity, baseline) for i in a.vectors)
+    zeros = method.decoding_policy().varied(force=True, intervention=Zeros())
+    for zeroed, base in zip(decode(method.backbone, prompts(method), SamplingParams(24), zeros), baseline):
+        assert zeroed.extras["imagined_codes"][0] == base.extras["imagined_codes"][0]
+        (block, *_) = zeroed.blocks(int(Kind.AUX_IMAGE))
+        assert block.shape[0] == 16 and not block.any()
+
+
 def test_a_prompt_without_an_image_needs_a_grid(method):
     builder = LayoutBuilder(method.backbone)
     builder.add_text("hello", int(Kind.TEXT), 0)
@@ -166,7 +207,10 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     steps = [f"train.stages.{stage}.steps=2" for stage in ("quantizer", "language", "vision", "pixels")]
     latentkit(
-        *train_args(out, "lum", "--method", "latentum", *steps, "data.synth.n_train=8", "data.synth.n_test=2")
+        *train_args(
+            out, "lum", "--method", "latentum", *steps, "data.synth.n_train=8", "data.synth.n_test=2"
+        ),
+        "method.guidance.scale=1.0",  # no unconditional pass: the CLI tests decode at half the cost
     )
     return out / "lum"
 
@@ -210,19 +254,16 @@ def test_eval_decodes_with_imagined_images_and_compare_reads_its_summary(run, tm
     assert "latentum" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
-def test_diagnose_refuses_latentum_in_one_line(run, tmp_path):
-    result = latentkit(
-        "diagnose",
-        "--run",
-        str(run),
-        "--benchmark",
-        "synth-maze",
-        "--limit",
-        "2",
-        "--out",
-        str(tmp_path),
-        check=False,
-    )
-    assert result.returncode == 2
-    error = result.stderr.strip().splitlines()
-    assert len(error) == 1 and "latentum" in error[0] and "ContinuousPolicy" in error[0]
+def test_diagnose_varies_the_imagined_boards_and_checks_the_channel(run, tmp_path):
+    common = ["--benchmark", "synth-maze", "--limit", "2", "--max-new-tokens", "20", "--k-sweep", "4"]
+    latentkit("diagnose", "--run", str(run), *common, "--out", str(tmp_path))
+    report = json.loads((tmp_path / "synth-maze-test-limit2-max20-k4.json").read_text())
+    assert report["decoding"]["k"] is None and report["decoding"]["policy"] == "ImaginePolicy"
+    assert report["forced"]["trigger_rate"] == 1.0 and report["forced"]["mean_latent_steps"] >= 16
+    conditions = report["interventions"]["conditions"]
+    assert {"identity", "zeros", "noise", "dataset_mean", "k=0"} <= set(conditions)
+    assert conditions["k=0"]["mean_latent_steps"] == 0
+    assert [p["k"] for p in report["k_sweep"]] == [4]
+    channel = report["channel"]["conditions"]
+    assert list(channel) == list(CHANNEL_CONDITIONS) and all(c["samples"] == 2 for c in channel.values())
+    assert "K=own" in (tmp_path / "synth-maze-test-limit2-max20-k4.md").read_text()

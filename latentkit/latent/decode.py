@@ -170,12 +170,13 @@ class ContinuousPolicy(Protocol):
     """A policy that emits continuous steps and can be varied for diagnostics: test-time K, forcing, and an
     intervention on every continuous input. `latentkit diagnose` works on any method whose policy is one."""
 
-    k: int
+    k: int | None
     force: bool
     kind: int  # the segment kind of its continuous positions
 
-    # `k` = 0 means blocks hold no continuous step (a latent method's start and end markers only); an
-    # intervention is called with each row's sample key (`Intervention`).
+    # `k` = 0 means blocks hold no continuous step (a latent method's start and end markers only); None, a block
+    # as long as the policy makes it (e.g. an imagined image's whole grid); an intervention is called with each
+    # row's sample key (`Intervention`).
 
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None

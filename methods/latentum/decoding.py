@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from latentkit.methods.latentum.code_head import CodeHead, GuidanceParams, sample_codes
@@ -40,6 +40,7 @@ from torch import Tensor
 from latentkit.backbone import Backbone
 from latentkit.decoding import DecodingPolicy, Embeddings, Proposal, RowView, Step, Token, Trajectory
 from latentkit.errors import ConfigError
+from latentkit.latent import Intervention
 from latentkit.layout import Kind, Layout
 from latentkit.masks import causal_mask
 
@@ -52,6 +53,7 @@ class _Imagining:
 
     block_start: int  # the row's length (prompt included) before the generation block's image-start token
     grid: Grid
+    size: int  # positions drawn and read back: the grid's, or fewer under the policy's `k`
     began: float
     positions: Tensor | None = None  # [3, n]: the image's M-RoPE positions, known once image-start is placed
     start_position: int = 0
@@ -65,7 +67,13 @@ class _Imagining:
 class ImaginePolicy(DecodingPolicy):
     """Knobs: `guidance` (the code head's sampling), `seed` (the codes' generators), `grid` (the imagined
     images' merged (t, h, w) grid; None: the prompt's last image's) and `force` (the first generated token is
-    the image-start token, forced: an image imagined right after the prompt, e.g. a given text prefix)."""
+    the image-start token, forced: an image imagined right after the prompt, e.g. a given text prefix).
+
+    For `latentkit diagnose` it is a `ContinuousPolicy` whose continuous steps are an imagined image's read-back
+    positions (`kind` AUX_IMAGE): `k` positions per image are drawn and read back, in raster order (None: the
+    whole grid; 0: image-start then image-end, nothing imagined; more than the grid: the grid), and an
+    `intervention` replaces each read-back input before the understanding branch reads it (the generation
+    branch draws from the true ones)."""
 
     quantizer: MBAQ
     code_head: CodeHead
@@ -73,14 +81,33 @@ class ImaginePolicy(DecodingPolicy):
     seed: int = 0
     grid: Grid | None = None
     force: bool = False
+    k: int | None = None
+    intervention: Intervention | None = None
+    kind: int = int(Kind.AUX_IMAGE)
     backbone: Backbone | None = field(default=None, init=False, repr=False)
+    row_keys: list[tuple[str, str]] = field(default_factory=list, init=False, repr=False)
     rows: list[_Imagining | None] = field(default_factory=list, init=False, repr=False)
     grids: list[Grid] = field(default_factory=list, init=False, repr=False)
     generators: list[torch.Generator] = field(default_factory=list, init=False, repr=False)
     finished: list[list[_Imagining]] = field(default_factory=list, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 0:
+            raise ValueError(f"positions per imagined image must be at least 0, got k={self.k}")
+
+    def varied(
+        self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
+    ) -> ImaginePolicy:
+        return replace(
+            self,
+            k=self.k if k is None else k,
+            force=self.force if force is None else force,
+            intervention=intervention,
+        )
+
     def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
         self.backbone = backbone
+        self.row_keys = [prompt.key for prompt in prompts]
         self.rows = [None] * len(prompts)
         self.finished = [[] for _ in prompts]
         self.grids = [self.grid or _last_image_grid(backbone, prompt) for prompt in prompts]
@@ -97,7 +124,13 @@ class ImaginePolicy(DecodingPolicy):
             forced = self.force and view.step == 0
             if proposal.token != image_start and not forced:
                 return Step(Token(proposal.token))
-            self.rows[view.row] = _Imagining(view.length, self.grids[view.row], time.perf_counter())
+            grid = self.grids[view.row]
+            size = _count(grid) if self.k is None else min(self.k, _count(grid))
+            state = _Imagining(view.length, grid, size, time.perf_counter())
+            self.rows[view.row] = state
+            if size == 0:  # nothing to imagine: image-start and image-end on the understanding branch
+                state.phase = "end"
+                return Step(Token(image_start, forced=forced, kind=int(Kind.AUX_IMAGE), emit=False))
             token = Token(image_start, forced=forced, kind=GENERATION, emit=False)
             return Step(token, extras=_route(True, 1, backbone))
         if state.phase == "read":
@@ -105,8 +138,12 @@ class ImaginePolicy(DecodingPolicy):
             codes = torch.stack(state.codes)
             caption = _caption(len(self.finished[view.row]) + 1, codes, state.grid)
             placeholder = backbone.token_id(backbone.chat.image_pad)
-            vectors = torch.stack(state.inputs)
-            return Step(Embeddings(vectors, int(Kind.AUX_IMAGE), placeholder, None, state.positions, caption))
+            inputs = state.inputs
+            if self.intervention is not None:
+                key = self.row_keys[view.row]
+                inputs = [self.intervention(vector, step, key) for step, vector in enumerate(inputs)]
+            positions = state.positions[:, : state.size]
+            return Step(Embeddings(torch.stack(inputs), self.kind, placeholder, None, positions, caption))
         if state.phase == "end":
             self.rows[view.row] = None
             state.seconds = time.perf_counter() - state.began
@@ -123,7 +160,7 @@ class ImaginePolicy(DecodingPolicy):
         vector = codes_to_inputs(backbone, self.quantizer, codes[None])[0]
         state.codes.append(codes)
         state.inputs.append(vector)
-        if len(state.codes) < _count(state.grid):
+        if len(state.codes) < state.size:
             index = len(state.codes) - 1
             positions = state.positions[:, index : index + 1]
             placeholder = backbone.token_id(backbone.chat.image_pad)
@@ -166,7 +203,9 @@ class ImaginePolicy(DecodingPolicy):
         for row, trajectory in enumerate(trajectories):
             images = self.finished[row]
             trajectory.extras["imagined_images"] = len(images)
-            trajectory.extras["imagined_codes"] = [torch.stack(image.codes).tolist() for image in images]
+            trajectory.extras["imagined_codes"] = [
+                [codes.tolist() for codes in image.codes] for image in images
+            ]
             trajectory.extras["imagined_grids"] = [list(image.grid) for image in images]
             trajectory.extras["imagined_seconds"] = [image.seconds for image in images]
 

@@ -28,6 +28,7 @@ from latentkit.methods.latentum.behaviour import (
     compare_behaviour,
     quantizer_report,
 )
+from latentkit.methods.latentum.channel import channel_conditions
 from latentkit.methods.latentum.code_head import CodeHead, GuidanceParams
 from latentkit.methods.latentum.config import CodeHeadConfig, LatentumConfig, QuantizerConfig
 from latentkit.methods.latentum.decoding import ImaginePolicy
@@ -254,6 +255,25 @@ class Latentum(Method):
         }
         return LossOutput(kl + config.vq_weight * vq, metrics)
 
+    def latent_channel(
+        self, samples: list[Sample], run_dir: Path | None
+    ) -> dict[str, list[bool | None]] | None:
+        """Teacher-forced channel check (`channel.py`): the gold response with its boards read as real images, as
+        projector(z_q) of their true codes (`oracle`) and of dummy codes. None without a board in every sample or
+        a trained quantizer."""
+        if not samples or not all(sample.has_aux_images for sample in samples):
+            return None
+        if not bool(self.quantizer.quantizer.usage.any()):
+            return None
+        return channel_conditions(
+            self.backbone,
+            self.quantizer,
+            samples,
+            lambda sample: self.layout(sample, "language"),
+            lambda batch: self.mask(batch, "language"),
+            batch_size=8,
+        )
+
     @torch.no_grad()
     def code_report(self, samples: Sequence[Sample], batch_size: int = 8) -> CodeReport:
         """Stage vision's measure on `samples`: the code head's teacher-forced top-1 sub-codes against the target
@@ -318,4 +338,5 @@ class Latentum(Method):
         return [
             self.board_images([torch.tensor(image_codes)], (height, width))[0]
             for image_codes, (_, height, width) in zip(codes, grids, strict=True)
+            if len(image_codes) == height * width  # a partial image (diagnose's k) has no picture
         ]

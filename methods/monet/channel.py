@@ -19,54 +19,15 @@ from latentkit.methods.monet.config import MonetConfig
 from latentkit.methods.monet.layout import latent_layout, stage2_mask, teacher_layout
 
 from latentkit.backbone import Backbone
+from latentkit.eval.diagnose.forced import answer_spans, forced_correct
 from latentkit.latent import FilledLatents
-from latentkit.layout import Batch, Kind, Layout, collate, inputs_embeds
+from latentkit.layout import Batch, Layout, collate, inputs_embeds
 from latentkit.masks import MaskSpec
 from latentkit.segments import Sample
 
 DUMMIES = ("zeros", "dataset_mean", "swap", "noise")
 CONDITIONS = ("with_aux", "oracle", *DUMMIES)
 Fill = Callable[[Batch, torch.Tensor, MaskSpec], FilledLatents]
-
-
-def answer_span(layout: Layout, answer_ids: list[list[int]], after: int) -> tuple[int, int] | None:
-    """[start, end) of the first occurrence, at or after `after`, of any tokenisation of the answer."""
-    ids = layout.input_ids.tolist()
-    for start in range(after, len(ids)):
-        for candidate in answer_ids:
-            if candidate and ids[start : start + len(candidate)] == candidate:
-                return start, start + len(candidate)
-    return None
-
-
-def forced_correct(
-    backbone: Backbone, layouts: list[Layout], embeds: torch.Tensor, mask: MaskSpec, spans, batch: Batch
-) -> list[bool | None]:
-    """Per sample: is every answer token the argmax given the gold prefix (None: no answer span)."""
-    out = backbone.forward(embeds, batch.position_ids, mask)
-    logits = backbone.logits(out.last_hidden_state)
-    correct: list[bool | None] = []
-    for b, (layout, span) in enumerate(zip(layouts, spans)):
-        if span is None:
-            correct.append(None)
-            continue
-        start, end = span
-        predicted = logits[b, start - 1 : end - 1].argmax(-1)
-        correct.append(bool(torch.equal(predicted.cpu(), layout.input_ids[start:end])))
-    return correct
-
-
-def _answer_ids(backbone: Backbone, sample: Sample) -> list[list[int]]:
-    answer = sample.answer or ""
-    encode = backbone.tokenizer.encode
-    return [encode(text, add_special_tokens=False) for text in (f" {answer}", answer)]
-
-
-def _after_aux(layout: Layout) -> int:
-    """The first position after the last auxiliary image or latent block."""
-    ends = [image.end + 1 for image in layout.images if image.kind == Kind.AUX_IMAGE]
-    ends += [latent.end + 1 for latent in layout.latents]
-    return max(ends)
 
 
 @torch.no_grad()
@@ -85,7 +46,7 @@ def with_aux_correct(
         batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
         embeds = inputs_embeds(backbone, batch)
         correct += forced_correct(
-            backbone, layouts, embeds, mask_of(batch), _spans(backbone, layouts, chunk), batch
+            backbone, layouts, embeds, mask_of(batch), answer_spans(backbone, layouts, chunk), batch
         )
     return correct
 
@@ -121,7 +82,7 @@ def latent_conditions(
     index = 0
     for chunk, positions in zip(chunks, slot_positions):
         layouts, batch, mask, embeds = _stage2_inputs(backbone, chunk, config)
-        spans = _spans(backbone, layouts, chunk)
+        spans = answer_spans(backbone, layouts, chunk)
         for name, values in replaced.items():
             written = embeds.new_zeros(len(chunk), positions.shape[1], embeds.shape[-1])
             for b, row in enumerate(values[index : index + len(chunk)]):
@@ -138,12 +99,6 @@ def _stage2_inputs(
     layouts = [latent_layout(backbone, sample, config, keep_aux_images=True) for sample in chunk]
     batch = collate(layouts, backbone.tokenizer.pad_token_id).to(backbone.device)
     return layouts, batch, stage2_mask(batch, config.start_sees_image), inputs_embeds(backbone, batch)
-
-
-def _spans(backbone: Backbone, layouts: list[Layout], chunk: list[Sample]) -> list[tuple[int, int] | None]:
-    return [
-        answer_span(layout, _answer_ids(backbone, s), _after_aux(layout)) for layout, s in zip(layouts, chunk)
-    ]
 
 
 def _norm_matched_noise(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

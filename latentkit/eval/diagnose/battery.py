@@ -277,7 +277,13 @@ def _replacements(
 
 
 def _input_conditions(
-    runner: Runner, samples: list[Sample], k: int, force: bool, seed: int, out_dir: Path, notes: list[str]
+    runner: Runner,
+    samples: list[Sample],
+    k: int | None,
+    force: bool,
+    seed: int,
+    out_dir: Path,
+    notes: list[str],
 ) -> tuple[dict[str, dict[str, Any]], list[ConditionRun]]:
     """The question image swapped (the swap's derangement) or blanked: accuracy, and how far the latents
     move relative to the across-input spread (`relative_change`); the swap also measures how close they come

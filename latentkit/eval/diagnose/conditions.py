@@ -101,12 +101,12 @@ class Runner:
     ):
         self.method, self.samples, self.scorer, self.params = method, samples, scorer, params
         self.batch_size, self.base, self.log = batch_size, base, log
-        self.done: dict[tuple[int, bool], ConditionRun] = {}
+        self.done: dict[tuple[int | None, bool], ConditionRun] = {}
 
     def run(
         self,
         name: str,
-        k: int,
+        k: int | None,
         force: bool,
         intervention: Intervention | None = None,
         samples: list[Sample] | None = None,
@@ -115,7 +115,7 @@ class Runner:
         reusable = intervention is None and samples is None
         if reusable and (k, force) in self.done:
             run = self.done[(k, force)]
-            self.log(f"{name:<20} K={k:<3} force={str(force).lower():<5} same decoding as {run.name}")
+            self.log(f"{name:<20} K={k_text(k):<3} force={str(force).lower():<5} same decoding as {run.name}")
             return run.renamed(name)
         began = time.perf_counter()
         policy = self.base.varied(k=k, force=force, intervention=intervention)
@@ -139,10 +139,15 @@ class Runner:
             self.done[(k, force)] = run
         summary = run.summary()
         self.log(
-            f"{name:<20} K={k:<3} force={str(force).lower():<5} accuracy {summary['accuracy']:.3f}  "
+            f"{name:<20} K={k_text(k):<3} force={str(force).lower():<5} accuracy {summary['accuracy']:.3f}  "
             f"trigger rate {summary['trigger_rate']:.2f}  ({time.perf_counter() - began:.1f}s)"
         )
         return run
+
+
+def k_text(k: int | None) -> str:
+    """K as the reports show it: None is the policy's own block length."""
+    return "own" if k is None else str(k)
 
 
 def derangement(n: int, seed: int) -> list[int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from latentkit.eval.diagnose.conditions import k_text
+
 READING_GUIDE = """\
 ### How to read this
 
@@ -147,7 +149,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         (
             f"Model: {model['method']} `{model['model_dir']}` ({model['backbone']}); "
             f"{report['num_samples']} samples, scorer {report['scorer']}, chance {_number(report['chance_level'])}; "
-            f"greedy, K={decoding['k']}, max {decoding['max_new_tokens']} new tokens; {report['seconds']} s."
+            f"greedy, K={k_text(decoding['k'])}, max {decoding['max_new_tokens']} new tokens; {report['seconds']} s."
         ),
         "",
         "## As generated",
@@ -382,9 +384,10 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
         marker="o",
         capsize=2,
     )
-    right.axvline(
-        report["decoding"]["k"], color="black", linestyle="dashed", linewidth=0.8, label="method's K"
-    )
+    if report["decoding"]["k"] is not None:  # None: the policy's own length per block
+        right.axvline(
+            report["decoding"]["k"], color="black", linestyle="dashed", linewidth=0.8, label="method's K"
+        )
     right.set_xticks(ks)
     right.set_xlabel("latent steps per block (K)" + (" — forced" if report["latents_forced"] else ""))
     right.set_ylabel("accuracy (%)")
