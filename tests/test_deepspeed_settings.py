@@ -23,20 +23,37 @@ def test_missing_deepspeed_names_the_extra(deepspeed_launch):
         deepspeed_plugin()
 
 
-@pytest.mark.parametrize("stage", ["0", "1", "3"])
-def test_zero_stages_other_than_2_are_refused(deepspeed_launch, stage):
+@pytest.mark.parametrize("stage", ["0", "1"])
+def test_zero_stages_other_than_2_and_3_are_refused(deepspeed_launch, stage):
     deepspeed_launch.setattr("accelerate.utils.is_deepspeed_available", lambda: True)
     deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
     with pytest.raises(
         ConfigError, match=f"ZeRO stage {stage}, which latentkit's trainer does not drive"
     ) as error:
         deepspeed_plugin()
-    assert "deepspeed_zero2.yaml" in str(error.value) and "\n" not in str(error.value)
+    assert "deepspeed_zero3.yaml" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_zero_stage_2_reads_the_launch_settings(deepspeed_launch):
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_zero_stages_2_and_3_read_the_launch_settings(deepspeed_launch, stage):
     deepspeed_launch.setattr("accelerate.utils.is_deepspeed_available", lambda: True)
+    deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
     deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false")
     plugin = deepspeed_plugin()
-    assert plugin.zero_stage == 2
-    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    assert plugin.zero_stage == int(stage)
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == int(stage)
+
+
+@pytest.mark.parametrize("flag", ["true", None])
+def test_zero3_init_is_refused(deepspeed_launch, flag):
+    # accelerate reads an unset zero3_init_flag as true under ZeRO-3: the model would be built partitioned
+    deepspeed_launch.setattr("accelerate.utils.is_deepspeed_available", lambda: True)
+    deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    if flag is None:
+        deepspeed_launch.delenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", raising=False)
+    else:
+        deepspeed_launch.setenv("ACCELERATE_DEEPSPEED_ZERO3_INIT", flag)
+    with pytest.raises(ConfigError, match="set zero3_init_flag: false") as error:
+        deepspeed_plugin()
+    assert "\n" not in str(error.value)
