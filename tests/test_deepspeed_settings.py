@@ -1,9 +1,13 @@
-"""What the trainer refuses to run under DeepSpeed, decided from the launch's settings before anything trains: these
-run without DeepSpeed installed."""
+"""What the trainer accepts and refuses under DeepSpeed, decided from the launch's settings before anything trains, and
+the shipped ZeRO-3 configs: these run without DeepSpeed installed."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from helpers import REPO
 
 from latentkit.distributed import deepspeed_plugin
 from latentkit.errors import ConfigError
@@ -57,3 +61,16 @@ def test_zero3_init_is_refused(deepspeed_launch, flag):
     with pytest.raises(ConfigError, match="set zero3_init_flag: false") as error:
         deepspeed_plugin()
     assert "\n" not in str(error.value)
+
+
+def test_shipped_zero3_configs_build_whole_and_the_cpu_one_partitions_small_parameters():
+    configs = REPO / "configs" / "accelerate"
+    gpus = load_config_from_file(str(configs / "deepspeed_zero3.yaml")).deepspeed_config
+    assert gpus["zero_stage"] == 3 and gpus["zero3_init_flag"] is False
+    cpu = load_config_from_file(str(configs / "deepspeed_zero3_cpu_2proc.yaml")).deepspeed_config
+    assert cpu["zero3_init_flag"] is False
+    settings = json.loads(
+        (REPO / cpu["deepspeed_config_file"]).read_text()
+    )  # relative to the repository root
+    assert settings["zero_optimization"]["stage"] == 3
+    assert settings["zero_optimization"]["stage3_param_persistence_threshold"] == 0
