@@ -195,7 +195,7 @@ def full_weights(module: nn.Module) -> Iterator[None]:
 
     Inside, forwards through the module find their parameters gathered and leave them so, hence run no
     collective. Writes to the gathered parameters are not kept: load weights with `load_state`."""
-    if any(is_zero3_parameter(p) for p in module.parameters()):
+    if is_partitioned(module):
         with _zero3_gathered(module):
             yield
         return
@@ -223,7 +223,7 @@ def load_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """`module.load_state_dict(state)` for a full state dict, also into sharded parameters (every process
     holds `state` and keeps its own shard, no communication under FSDP2; under ZeRO-3 the parameters are gathered
     unless `full_weights` holds them) and inside `full_weights` (kept after it)."""
-    if any(is_zero3_parameter(p) for p in module.parameters()):
+    if is_partitioned(module):
         with _zero3_gathered(module):
             _copy_state(module, state)
             _zero3_written.update(id(p) for p in module.parameters())
@@ -259,7 +259,7 @@ def _copy_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on CPU (all processes take part): on the main process under FSDP2 and ZeRO-3, on every
     process otherwise; other processes get an empty dict. ZeRO-3 gathers one parameter at a time."""
-    if any(is_zero3_parameter(p) for p in module.parameters()):
+    if is_partitioned(module):
         return _zero3_state_dict(module)
     if not is_sharded(module):
         return {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -294,9 +294,8 @@ def _zero3_gathered(module: nn.Module) -> Iterator[None]:
     if not params:
         yield
         return
-    params[0].all_gather(
-        param_list=params
-    )  # skips the ones already available (DeepSpeed's persistent params)
+    # one collective; parameters still gathered since their last forward (DeepSpeed's persistent ones) are skipped
+    params[0].all_gather(param_list=params)
     _zero3_held.update(id(p) for p in params)
     try:
         with _zero3_hooks_off(module):
@@ -304,8 +303,8 @@ def _zero3_gathered(module: nn.Module) -> Iterator[None]:
     finally:
         _zero3_held.difference_update(id(p) for p in params)
         written = [p for p in params if id(p) in _zero3_written]
+        kept = [p for p in params if id(p) not in _zero3_written]
         _zero3_written.difference_update(id(p) for p in written)
-        kept = [p for p in params if id(p) not in {id(w) for w in written}]
         if written:
             written[0].partition(param_list=written, has_been_updated=True)  # local: each keeps its slice
         if kept:
