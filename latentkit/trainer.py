@@ -4,9 +4,9 @@ Run directory (`runs/<name>/`): `config.yaml`, `metrics.jsonl`, `data/` (embedde
 `stages/<stage>/checkpoints/step-XXXXXXXX/` and `stages/<stage>/final/`, and `final/` after the last stage.
 Checkpoints are written atomically (temp dir + rename) and hold model, optimizer, scheduler, every process's
 RNG states and the step (under FSDP2 model and optimizer as every process's shards, under DeepSpeed the engine's
-own checkpoint with each process's optimizer partition); the data order is a pure function of (seed, stage, step),
-so resuming continues the exact batch sequence. Engines: DDP, or FSDP2 or DeepSpeed ZeRO-2 when the accelerate
-launch asks for it (`latentkit.distributed`).
+own checkpoint with each process's optimizer partition, and under ZeRO-3 its weight partition); the data order is a
+pure function of (seed, stage, step), so resuming continues the exact batch sequence. Engines: DDP, or FSDP2 or
+DeepSpeed ZeRO-2/ZeRO-3 when the accelerate launch asks for it (`latentkit.distributed`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from latentkit.config import (
 from latentkit.data import load_training_records
 from latentkit.distributed import (
     Engine,
+    build_models_whole,
     check_sharded,
     configure_deepspeed_stage,
     deepspeed_plugin,
@@ -54,6 +55,7 @@ from latentkit.distributed import (
     fsdp_plugin,
     full_state_dict,
     full_weights,
+    is_partitioned,
     is_sharded,
     requested_engine,
     sharding_report,
@@ -317,6 +319,8 @@ def _train(config: LatentkitConfig, resume: bool, evaluator: EvaluatorFactory | 
     )
     if plugin is not None:
         engage_fsdp(accelerator, plugin)
+    if zero is not None:
+        build_models_whole()
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(config, directory / "config.yaml")
@@ -495,9 +499,14 @@ def start_stage(
         configure_deepspeed_stage(
             accelerator, train_cfg.batch_size, train_cfg.grad_accum, train_cfg.max_grad_norm
         )
+        first = not is_partitioned(module)
         model, optimizer, scheduler = accelerator.prepare(
             module, optimizer, build_scheduler(optimizer, train_cfg)
         )
+        if first and is_partitioned(module):  # ZeRO-3 partitions the module in place (it stays so)
+            _log(
+                run, accelerator, {"event": "sharded", "stage": stage, **sharding_report(module, accelerator)}
+            )
     else:
         optimizer = accelerator.prepare_optimizer(optimizer)
         scheduler = build_scheduler(optimizer, train_cfg)
@@ -543,10 +552,11 @@ def _run_precision(run: Run, accelerator: Any, stage: str):
 def finish_stage(
     run: Run, accelerator: Any, stage: str, stage_dir: Path, module: nn.Module | None = None
 ) -> None:
-    """`final/`: the full weights in HF format (gathered from the shards under FSDP2, every process taking part).
-    A stage's DeepSpeed engine ends here (the next stage prepares its own on the same module)."""
+    """`final/`: the full weights in HF format (gathered from the shards under FSDP2 and ZeRO-3, every process
+    taking part). A stage's DeepSpeed engine ends here (the next stage prepares its own on the same module)."""
     accelerator.wait_for_everyone()
-    weights = full_state_dict(module) if module is not None and is_sharded(module) else None
+    sharded = module is not None and (is_sharded(module) or is_partitioned(module))
+    weights = full_state_dict(module) if sharded else None
     if accelerator.is_main_process:
         save_final(run.backbone, run.method, stage, stage_dir / "final", weights)
     accelerator.wait_for_everyone()

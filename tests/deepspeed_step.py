@@ -1,7 +1,6 @@
 """Launched by tests/test_deepspeed.py: two optimizer steps of the `sft` method's training module under DeepSpeed
 ZeRO through `accelerator.prepare`, on the processes of an `accelerate launch` (CPU, gloo). Prints one JSON line
-per process. This checks what the engine itself does with latentkit's module, ZeRO-3 included (which the trainer
-does not drive yet; README, "DeepSpeed ZeRO").
+per process. This checks what the engine itself does with latentkit's module, below the trainer.
 
     accelerate launch --config_file <deepspeed config> tests/deepspeed_step.py OUT_DIR
 """
@@ -84,7 +83,9 @@ def main(out: Path) -> None:
         report["optimizer_partition_elements"] = sum(
             part.numel() for part in engine.optimizer.single_partition_of_fp32_groups
         )
-    print(json.dumps(report), flush=True)
+    # one write per line: the two processes share the pipe (print writes the newline apart, so lines could merge)
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

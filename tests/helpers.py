@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +56,26 @@ def final_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
+def relative_difference(a: dict, b: dict) -> float:
+    """The relative L2 distance between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
+    den = sum(float((b[k].double() ** 2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
+def assert_loads_in_transformers(run: Path) -> None:
+    """`final/` loads with plain transformers, with no missing, unexpected or mismatched keys."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        run / "final", local_files_only=True, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    [embedding] = [v for k, v in final_weights(run).items() if k.endswith("embed_tokens.weight")]
+    assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
 def kill_when(args: list[str], checkpoint: Path, timeout: float = 300) -> None:
     """Run the CLI with `args` and SIGKILL it as soon as `checkpoint` exists (mid-run: it must not have ended)."""
     process = subprocess.Popen(
@@ -87,3 +109,20 @@ def accelerate_launch(accelerate_config: Path, *args: str) -> subprocess.Complet
     if result.returncode != 0:
         raise AssertionError(f"accelerate launch {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result
+
+
+def kill_launch_when(
+    accelerate_config: Path, args: list[str], checkpoint: Path, timeout: float = 300
+) -> None:
+    """`accelerate launch` of the CLI with `args`, SIGKILLed as soon as `checkpoint` exists (mid-run: it must not
+    have ended): the training processes first (the launcher starts them in sessions of their own), then the
+    launcher."""
+    process = subprocess.Popen(launch_command(accelerate_config, *args), cwd=REPO, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"

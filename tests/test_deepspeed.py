@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes (gloo) with latentkit's `sft` training module, through
 `accelerator.prepare` and the shipped configs. Skipped where DeepSpeed is not installed (the optional extra
-`deepspeed`; CI does not install it). The engine itself, below latentkit's trainer: ZeRO-3 has no trainer support yet
-(refused, tests/test_deepspeed_settings.py); the trainer under ZeRO-2 is tested in test_deepspeed_trainer.py."""
+`deepspeed`; CI does not install it). The engine itself, below latentkit's trainer; the trainer under ZeRO-2 and ZeRO-3
+is tested in test_deepspeed_trainer.py."""
 
 from __future__ import annotations
 

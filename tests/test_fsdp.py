@@ -3,15 +3,21 @@ weights, results match an unsharded run, and a killed run resumes exactly from s
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from helpers import REPO, accelerate_launch, final_weights, latentkit, launch_command, metrics, train_args
+from helpers import (
+    REPO,
+    accelerate_launch,
+    assert_loads_in_transformers,
+    final_weights,
+    kill_launch_when,
+    latentkit,
+    metrics,
+    relative_difference,
+    train_args,
+)
 
 from latentkit.checkpoint import verify_checkpoint
 
@@ -19,13 +25,6 @@ pytestmark = pytest.mark.slow
 
 FSDP = REPO / "configs" / "accelerate" / "fsdp_cpu_2proc.yaml"
 DDP = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    num = sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in a)
-    den = sum(float((b[k].double() ** 2).sum()) for k in a)
-    return (num / den) ** 0.5
 
 
 def assert_sharded(run: Path) -> dict:
@@ -36,17 +35,6 @@ def assert_sharded(run: Path) -> dict:
     assert len(held) == 2 and sum(held) == event["elements"]
     assert all(0.4 < part / event["elements"] < 0.6 for part in held), held
     return event
-
-
-def assert_loads_in_transformers(run: Path) -> None:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        run / "final", local_files_only=True, output_loading_info=True
-    )
-    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
-    [embedding] = [v for k, v in final_weights(run).items() if k.endswith("embed_tokens.weight")]
-    assert torch.equal(model.get_input_embeddings().weight, embedding)
 
 
 def test_sft_shards_evaluates_and_matches_one_process(tmp_path):
@@ -123,17 +111,7 @@ def test_resume_after_sigkill_matches_uninterrupted_sharded_run(tmp_path):
     accelerate_launch(FSDP, *train_args(tmp_path, "straight", *settings))
 
     args = train_args(tmp_path, "killed", *settings)
-    process = subprocess.Popen(launch_command(FSDP, *args), cwd=REPO, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "killed" / "stages" / "sft" / "checkpoints" / "step-00000002"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    # The training processes first (the launcher starts them in sessions of their own), then the launcher.
-    for child in psutil.Process(process.pid).children(recursive=True):
-        child.send_signal(signal.SIGKILL)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    kill_launch_when(FSDP, args, tmp_path / "killed" / "stages" / "sft" / "checkpoints" / "step-00000002")
     assert not (tmp_path / "killed" / "stages" / "sft" / "final").exists()
 
     accelerate_launch(FSDP, *args, "--resume")
