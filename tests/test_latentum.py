@@ -187,6 +187,15 @@ def test_fresh_quantizer_is_data_initialised_on_its_first_training_step_and_keep
             assert any(torch.allclose(entry, row, rtol=0, atol=1e-6) for row in chunks[:, k])
 
 
+def test_weights_saved_without_a_reset_offset_load_with_a_zero_one():
+    saved = ProductQuantizer(dim=4, codebooks=2, entries=3, ema_decay=0.9, dead_threshold=0.1).state_dict()
+    del saved["reset_offset"]  # as written before resets had an offset: they moved `codebook` itself
+    quantizer = ProductQuantizer(dim=4, codebooks=2, entries=3, ema_decay=0.9, dead_threshold=0.1)
+    quantizer.reset_offset.fill_(1.0)
+    quantizer.load_state_dict(saved)
+    assert torch.equal(quantizer.table(), saved["codebook"]) and not quantizer.reset_offset.any()
+
+
 # --- the method --------------------------------------------------------------------------------------------------
 def test_stage_quantizer_trains_the_quantizer_only(maze):
     torch.manual_seed(0)

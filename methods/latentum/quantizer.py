@@ -35,6 +35,12 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _offset_of_older_weights(module: nn.Module, state: dict, prefix: str, *args: object) -> None:
+    """Weights saved before resets had an offset wrote the resets into `codebook`: their offset is zero."""
+    if prefix + "codebook" in state:
+        state.setdefault(prefix + "reset_offset", torch.zeros_like(state[prefix + "codebook"]))
+
+
 @dataclass
 class Quantized:
     z: Tensor  # [n, C, d]: the down MLP's output, in chunks
@@ -54,6 +60,7 @@ class ProductQuantizer(nn.Module):
         # Where dead-code resets moved each entry: an entry is codebook + reset_offset. Resets write this buffer, not
         # the parameter: under FSDP2 the forward sees a gathered copy of the parameter, and writes to it are lost.
         self.register_buffer("reset_offset", torch.zeros_like(self.codebook))
+        self.register_load_state_dict_pre_hook(_offset_of_older_weights)
         # Per codebook, the EMA of each entry's share of the assignments (each row sums to 1 once trained).
         self.register_buffer("usage", torch.zeros(codebooks, entries))
         self.ema_decay, self.dead_threshold = ema_decay, dead_threshold
