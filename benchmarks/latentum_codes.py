@@ -11,30 +11,19 @@ Chance is 1 / codebook_size per sub-code; the true codes are MBAQ's codes of the
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from latentkit.methods.latentum.method import build_code_head
-
-import latentkit as lk
-from latentkit.records import load_split
+from latentum_runs import load_runs, run_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=64)
+    parser = run_parser(__doc__, several=True)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     print("| run | C x N | generation branch | code accuracy | chance | CE per sub-code | positions |")
     print("|---|---|---|---|---|---|---|")
-    for run in args.runs:
-        model = lk.load(run)
-        method = model.method
+    for run in load_runs(args):
+        method, samples = run.model.method, run.samples
         config = method.config
-        data = model.config.data.path or run / "data" / model.config.data.task
-        samples = load_split(data, args.split).samples[: args.limit]
         entries = config.quantizer.codebook_size
         for label in ("trained", "start of stage vision"):
             if label != "trained":
@@ -43,7 +32,7 @@ def main() -> None:
                 method.modules["code_head"] = head.to(method.backbone.device)
             r = method.code_report(samples, args.batch_size)
             print(
-                f"| {run.name} | {config.quantizer.codebooks} x {entries} | {label} | {r.accuracy:.3f} | "
+                f"| {run.path.name} | {config.quantizer.codebooks} x {entries} | {label} | {r.accuracy:.3f} | "
                 f"{1 / entries:.3f} | {r.ce:.3f} | {r.positions} |"
             )
 

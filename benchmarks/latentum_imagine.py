@@ -12,7 +12,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from collections import Counter
 from dataclasses import replace
@@ -20,13 +19,12 @@ from pathlib import Path
 
 import torch
 from latentkit.methods.latentum.method import Latentum
+from latentum_runs import load_run, run_parser
 from PIL import Image
 
-import latentkit as lk
 from latentkit.chat import ResponseWeights, inline_aux_image, render_chat
 from latentkit.decoding import SamplingParams, decode
 from latentkit.layout import LayoutBuilder
-from latentkit.records import load_split
 from latentkit.segments import Sample
 
 
@@ -52,15 +50,9 @@ def true_codes(method: Latentum, path: Path) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=64)
-    args = parser.parse_args()
-    model = lk.load(args.run)
-    method = model.method
-    data = model.config.data.path or args.run / "data" / model.config.data.task
-    samples = load_split(data, args.split).samples[: args.limit]
+    args = run_parser(__doc__, several=False).parse_args()
+    run = load_run(args.run, args.split, args.limit)
+    method, samples = run.model.method, run.samples
     policy = replace(method.decoding_policy(), force=True)
     imagined, gold, seconds = [], [], []
     for sample in samples:

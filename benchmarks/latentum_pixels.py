@@ -15,7 +15,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -26,9 +25,9 @@ from pathlib import Path
 import torch
 import transformers
 from latentkit.methods.latentum.pixels import decode_codes, encode_images, pixel_loss, psnr, to_image
+from latentum_runs import load_run, run_parser
 from PIL import Image
 
-import latentkit as lk
 from latentkit.records import load_split
 from latentkit.synth.maze import read_board_cells
 
@@ -103,18 +102,13 @@ def seconds_per_call(work: Callable[[], object], repeats: int) -> float:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--split", default="test")
-    parser.add_argument(
-        "--limit", type=int, default=64, help="samples of the split (each has several boards)"
-    )
+    parser = run_parser(__doc__, several=False)
     parser.add_argument("--batch-size", type=int, default=32, help="boards per encoding batch")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    model = lk.load(args.run)
+    run = load_run(args.run, args.split, args.limit)
+    model, data = run.model, run.data
     method, backbone = model.method, model.backbone
-    data = model.config.data.path or args.run / "data" / model.config.data.task
     info = json.loads((data / "synth_info.json").read_text())
     grid_size, cell_size = info["grid_size"], info["cell_size"]
     decoder, quantizer = method.pixel_decoder, method.quantizer

@@ -11,31 +11,19 @@ quantized image features is the unquantized model's; `answer` counts samples who
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 from latentkit.methods.latentum.method import build_quantizer
-
-import latentkit as lk
-from latentkit.records import load_split
+from latentum_runs import load_runs, run_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=64)
+    parser = run_parser(__doc__, several=True)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     print("| run | C x N | quantizer | agreement | answer | KL | usage | perplexity | positions |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for run in args.runs:
-        model = lk.load(run)
-        method = model.method
+    for run in load_runs(args):
+        method, samples = run.model.method, run.samples
         config = method.config.quantizer
-        task = model.config.data.task
-        data = model.config.data.path or run / "data" / task
-        samples = load_split(data, args.split).samples[: args.limit]
         trained = method.modules["quantizer"]
         for label in ("initial", "trained"):
             if label == "initial":
@@ -46,7 +34,7 @@ def main() -> None:
                 method.modules["quantizer"] = trained
             r = method.quantizer_report(samples, args.batch_size)
             print(
-                f"| {run.name} | {config.codebooks} x {config.codebook_size} | {label} | {r.agreement:.3f} | "
+                f"| {run.path.name} | {config.codebooks} x {config.codebook_size} | {label} | {r.agreement:.3f} | "
                 f"{r.answer_agreement:.3f} | {r.kl:.2e} | {r.usage:.3f} | {r.perplexity:.1f} | {r.positions} |"
             )
 

@@ -147,15 +147,17 @@ def test_ema_usage_and_dead_code_reset_on_a_constructed_case():
     _, nearest, sq, codes, resets = quantizer(z)
     assert resets == 1
     chunks = z.reshape(4, 2, 2).numpy()
-    book = quantizer.codebook.detach().numpy()
-    assert any(np.array_equal(book[0, 2], row) for row in chunks[:, 0])  # reset onto a chunk of the batch
+    book = quantizer.table().detach().numpy()
+    # reset onto a chunk of the batch (the parameter plus its offset: float32 rounding of 100 + (x - 100))
+    assert any(np.allclose(book[0, 2], row, rtol=0, atol=1e-5) for row in chunks[:, 0])
     assert np.array_equal(book[0, :2], [[0.0, 0.0], [10.0, 10.0]]) and np.array_equal(
         book[1], [[0, 0], [1, 1], [50, 50]]
     )
+    assert np.array_equal(quantizer.codebook.detach().numpy()[0, 2], [100.0, 100.0])  # the parameter kept
     distances = ((chunks[:, :, None, :] - book[None]) ** 2).sum(-1)
     assert np.allclose(sq.detach().numpy(), distances, rtol=1e-5, atol=1e-3)  # float32 expansion of |a - b|^2
     assert codes.tolist() == distances.argmin(-1).tolist()
-    assert torch.equal(nearest, quantizer.codebook[[0, 1], codes])
+    assert torch.equal(nearest, quantizer.table()[[0, 1], codes])
     share = np.stack([np.bincount(codes[:, k].numpy(), minlength=3) / 4 for k in range(2)])
     previous = before.numpy().copy()
     previous[0, 2] = 1 / 3  # a reset entry restarts at the uniform share
@@ -165,18 +167,33 @@ def test_ema_usage_and_dead_code_reset_on_a_constructed_case():
     state = {k: v.clone() for k, v in quantizer.state_dict().items()}
     quantizer.usage[1, 2] = 0.0
     quantizer(z)
-    assert torch.equal(quantizer.codebook, state["codebook"]) and float(quantizer.usage[1, 2]) == 0.0
+    assert torch.equal(quantizer.table(), state["codebook"] + state["reset_offset"])
+    assert float(quantizer.usage[1, 2]) == 0.0
 
 
-def test_fresh_quantizer_is_data_initialised_on_its_first_training_step():
+def test_fresh_quantizer_is_data_initialised_on_its_first_training_step_and_keeps_it_under_fsdp():
     quantizer = ProductQuantizer(dim=4, codebooks=2, entries=3, ema_decay=0.9, dead_threshold=0.1)
     z = torch.randn(6, 4)
+    # FSDP2 runs the forward on a gathered copy of each parameter and drops the copy afterwards, writes and all:
+    # the resets must outlive it
+    persistent = quantizer.codebook
+    quantizer.codebook = torch.nn.Parameter(persistent.detach().clone())
     _, _, _, _, resets = quantizer(z)
+    quantizer.codebook = persistent
     assert resets == 6
     chunks = z.reshape(6, 2, 2)
     for k in range(2):
-        for entry in quantizer.codebook[k]:
-            assert any(torch.equal(entry, row) for row in chunks[:, k])
+        for entry in quantizer.table()[k]:
+            assert any(torch.allclose(entry, row, rtol=0, atol=1e-6) for row in chunks[:, k])
+
+
+def test_weights_saved_without_a_reset_offset_load_with_a_zero_one():
+    saved = ProductQuantizer(dim=4, codebooks=2, entries=3, ema_decay=0.9, dead_threshold=0.1).state_dict()
+    del saved["reset_offset"]  # as written before resets had an offset: they moved `codebook` itself
+    quantizer = ProductQuantizer(dim=4, codebooks=2, entries=3, ema_decay=0.9, dead_threshold=0.1)
+    quantizer.reset_offset.fill_(1.0)
+    quantizer.load_state_dict(saved)
+    assert torch.equal(quantizer.table(), saved["codebook"]) and not quantizer.reset_offset.any()
 
 
 # --- the method --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """LatentUM's generation side pinned by independent computations: MoME routing (an all-False route changes nothing;
-a mixed route equals a hand-written forward through the copies), the code head's teacher forcing and its guided
+a mixed route equals a hand-written forward through the copies; outputs and gradients equal both branches computed
+on every row and selected by the route, with each branch computing only its own rows), the code head's teacher forcing and its guided
 sampling distribution (by hand), the code noise of stage language, stage vision's U ⊕ G layout and block mask
 (against a dense mask built from the definition), what each stage trains, one-line errors; and the three stages
 end to end through the CLI, with the run loaded back bit for bit."""
@@ -15,7 +16,7 @@ from helpers import latentkit, metrics, train_args
 from latentkit.methods.latentum import Latentum, LatentumConfig
 from latentkit.methods.latentum.code_head import CodeHead, GuidanceParams, guided_probabilities, sample_codes
 from latentkit.methods.latentum.language import noisy_codes
-from latentkit.methods.latentum.mome import ROUTE
+from latentkit.methods.latentum.mome import ROUTE, GenerationExperts, attach_experts
 from latentkit.methods.latentum.vision import GENERATION, generation_blocks, generation_mask
 from safetensors.torch import load_file
 
@@ -45,10 +46,10 @@ def tiny_latentum(preset: str = "tiny-qwen2.5-vl") -> Latentum:
     return method
 
 
-def perturb_experts(method: Latentum) -> None:
+def perturb_experts(experts: GenerationExperts) -> None:
     """Make the generation branch differ from the text weights, so a test can tell the branches apart."""
     with torch.no_grad():
-        for parameter in method.experts.parameters():
+        for parameter in experts.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
 
 
@@ -63,7 +64,7 @@ def test_an_all_false_route_leaves_the_model_exactly_as_it_was():
         unwrapped = backbone.logits(backbone.forward(embeds, positions, mask).last_hidden_state)
     method = Latentum(LatentumConfig())
     method.setup(backbone)
-    perturb_experts(method)
+    perturb_experts(method.experts)
     vocabulary = unwrapped.shape[-1]  # setup adds the observation tags' rows
     with torch.no_grad():
         for extras in (None, {ROUTE: torch.zeros(2, 7, dtype=torch.bool)}):
@@ -122,7 +123,7 @@ def hand_forward(method: Latentum, embeds: torch.Tensor, route: torch.Tensor) ->
 
 def test_a_routed_token_goes_through_the_copies_as_a_hand_written_forward_does():
     method = tiny_latentum()
-    perturb_experts(method)
+    perturb_experts(method.experts)
     backbone = method.backbone
     assert set(method.experts.layers[0].attention) == {"q_proj", "k_proj", "v_proj", "o_proj"}  # no q/k norms
     embeds = torch.randn(6, backbone.hidden_size)
@@ -140,9 +141,80 @@ def test_a_routed_token_goes_through_the_copies_as_a_hand_written_forward_does()
     assert not torch.allclose(got[2:], text_only[2:], atol=1e-3)
 
 
+class Selected(torch.nn.Module):
+    """The definition of a routed part, computed naively: both branches on every row, the route picks per row."""
+
+    def __init__(self, original: torch.nn.Module, copy: torch.nn.Module, route: torch.Tensor):
+        super().__init__()
+        self.original, self.copy, self.route = original, copy, route
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        route = self.route.reshape(*self.route.shape, *[1] * (hidden.ndim - 2))
+        return torch.where(route, self.copy(hidden), self.original(hidden))
+
+
+def routed_forward_and_grads(backbone, embeds, route, experts) -> tuple[torch.Tensor, list]:
+    embeds = embeds.clone().requires_grad_(True)
+    n = embeds.shape[1]
+    extras = None if route is None else {ROUTE: route}
+    hidden = backbone.forward(embeds, torch.arange(n).expand(3, 2, n), causal_mask(2, n), extras=extras)
+    loss = (hidden.last_hidden_state * torch.linspace(-1, 1, hidden.last_hidden_state.shape[-1])).sum()
+    loss.backward()
+    grads = [embeds.grad, *(p.grad for p in experts.parameters())]
+    experts.zero_grad(set_to_none=True)
+    return hidden.last_hidden_state.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["mixed", "none", "all"])
+def test_the_routed_forward_equals_both_branches_on_every_row_selected_by_the_route(kind):
+    """Outputs and gradients (originals frozen, copies trained) against the naive definition, and each branch
+    computes its own rows only: no token goes through both."""
+    torch.manual_seed(0)
+    backbone = build_backbone(ModelSection(preset="tiny-qwen2.5-vl"))
+    backbone.model.requires_grad_(False)
+    layers = backbone.decoder().layers
+    experts = GenerationExperts(layers).requires_grad_(True)  # stage vision: the copies train
+    perturb_experts(experts)
+    handles = attach_experts(layers, experts)
+    embeds = torch.randn(2, 9, backbone.hidden_size)
+    route = {
+        "mixed": torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1, 0], [1, 0, 0, 0, 1, 1, 0, 0, 0]], dtype=torch.bool),
+        "none": torch.zeros(2, 9, dtype=torch.bool),
+        "all": torch.ones(2, 9, dtype=torch.bool),
+    }[kind]
+    rows: dict[str, int] = {"original": 0, "copy": 0}
+
+    def count(branch: str):
+        return lambda module, args: rows.__setitem__(branch, rows[branch] + args[0].shape[:-1].numel())
+
+    counters = [layers[0].mlp.register_forward_pre_hook(count("original"))]  # after the split: its rows only
+    counters.append(experts.layers[0].mlp.register_forward_pre_hook(count("copy")))
+    got, got_grads = routed_forward_and_grads(backbone, embeds, route, experts)
+    routed = int(route.sum())
+    # an unrouted batch never calls the copies; otherwise the original takes the unrouted rows [n_u, D] alone
+    assert rows == ({"original": 18, "copy": 0} if routed == 0 else {"original": 18 - routed, "copy": routed})
+    for handle in [*handles, *counters]:
+        handle.remove()
+
+    for layer, copies in zip(layers, experts.layers, strict=True):
+        for name, module in copies.attention.items():
+            setattr(layer.self_attn, name, Selected(getattr(layer.self_attn, name), module, route))
+        layer.mlp = Selected(layer.mlp, copies.mlp, route)
+    expected, expected_grads = routed_forward_and_grads(backbone, embeds, None, experts)
+    torch.testing.assert_close(got, expected)
+    assert len(got_grads) == len(expected_grads)
+    for mine, reference in zip(got_grads, expected_grads, strict=True):
+        if mine is None:  # a copy outside the graph: the definition gives it zero gradient
+            assert routed == 0 and not reference.any()
+        else:
+            torch.testing.assert_close(mine, reference)
+    if routed == 0:
+        assert all(g is None for g in got_grads[1:])
+
+
 def test_copy_text_weights_makes_the_branches_equal_again():
     method = tiny_latentum()
-    perturb_experts(method)
+    perturb_experts(method.experts)
     method.experts.copy_text_weights(method.backbone.decoder().layers)
     layer = method.backbone.decoder().layers[1]
     copies = method.experts.layers[1]

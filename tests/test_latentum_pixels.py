@@ -97,7 +97,7 @@ def test_decode_codes_is_the_decoder_of_the_looked_up_entries(method):
     grids = [(2, 3), (2, 2)]
     got = decode_codes(quantizer, decoder, codes, grids)
     for image_codes, (rows, cols), image in zip(codes, grids, got):
-        book = quantizer.quantizer.codebook.detach()
+        book = quantizer.quantizer.table().detach()
         # by hand: position p's z_q is its C entries side by side, placed at (p // cols, p % cols)
         z_q = torch.stack(
             [

@@ -6,16 +6,18 @@ A hard per-token route (bool [B, N], `ROUTE` in `Backbone.forward`'s `extras`) p
 projections and MLP are the copies', every other token's the originals'. LayerNorms, RoPE, attention itself and
 the KV cache stay shared, so the two branches meet only in self-attention.
 
-How: a forward pre-hook on each decoder layer reads the route from the layer's keyword arguments; forward hooks
-on the original projections, norms and MLP replace their output at the routed tokens by the copy's output on the
-same input. The originals keep their places and parameter names (the base model saves in HF format unchanged);
-the copies are the method's own module (`GenerationExperts`), saved with the method's weights. Without the
-`ROUTE` extra, or with no token routed, the layers compute exactly what they did before."""
+How: a forward pre-hook on each decoder layer reads the route from the layer's keyword arguments. Around each
+original projection, norm and MLP, a forward pre-hook splits the rows once: the original runs on the unrouted rows
+only, and the routed rows are set aside; its forward hook runs the copy on the routed rows and scatters both results
+back into one output in token order. No token is computed by both branches. The originals keep their places and
+parameter names (the base model saves in HF format unchanged); the copies are the method's own module
+(`GenerationExperts`), saved with the method's weights. Without the `ROUTE` extra, or with no token routed, the
+layers compute exactly what they did before."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -66,9 +68,11 @@ class GenerationExperts(nn.Module):
 
 @dataclass
 class _LayerRoute:
-    """The route of the call a decoder layer is in (None outside a call, or when no token is routed)."""
+    """The route of the call a decoder layer is in (None outside a call, or when no token is routed), and each
+    part's routed rows between the part's pre-hook and its hook."""
 
     mask: Tensor | None = None
+    routed: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _read_route(state: _LayerRoute, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -78,17 +82,31 @@ def _read_route(state: _LayerRoute, module: nn.Module, args: tuple, kwargs: dict
 
 def _clear_route(state: _LayerRoute, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
     state.mask = None
+    state.routed.clear()
 
 
-def _routed_output(
-    state: _LayerRoute, copy_module: nn.Module, module: nn.Module, args: tuple, output: Tensor
-):
-    """The original's output with the routed tokens' rows replaced by the copy's output on the same input."""
+def _split_rows(state: _LayerRoute, name: str, module: nn.Module, args: tuple) -> tuple | None:
+    """The original's input cut to the unrouted rows [n_u, ...]; the routed rows [n_g, ...] kept for the copy."""
     if state.mask is None:
         return None
     (hidden,) = args  # [B, N, ...]: projections, norms and MLPs take the hidden states alone
     mask = state.mask.to(hidden.device)
-    return output.index_put((mask,), copy_module(hidden[mask]).to(output.dtype))
+    state.routed[name] = hidden[mask]
+    return (hidden[~mask],)
+
+
+def _merge_rows(
+    state: _LayerRoute, name: str, copy_module: nn.Module, module: nn.Module, args: tuple, output: Tensor
+) -> Tensor | None:
+    """[B, N, ...]: the original's output [n_u, ...] at the unrouted rows, the copy's on the routed rows at theirs."""
+    if state.mask is None:
+        return None
+    mask = state.mask.to(output.device)
+    generated = copy_module(state.routed.pop(name))
+    merged = output.new_empty((*mask.shape, *output.shape[1:]))
+    merged[~mask] = output
+    merged[mask] = generated.to(output.dtype)
+    return merged
 
 
 def attach_experts(decoder_layers: nn.ModuleList, experts: GenerationExperts) -> list[RemovableHandle]:
@@ -109,8 +127,11 @@ def attach_experts(decoder_layers: nn.ModuleList, experts: GenerationExperts) ->
         copies = layer_experts.copies()
         for name, original in layer_experts.originals(layer).items():
             handles.append(
+                original.register_forward_pre_hook(lambda m, a, s=state, n=name: _split_rows(s, n, m, a))
+            )
+            handles.append(
                 original.register_forward_hook(
-                    lambda m, a, o, s=state, c=copies[name]: _routed_output(s, c, m, a, o)
+                    lambda m, a, o, s=state, n=name, c=copies[name]: _merge_rows(s, n, c, m, a, o)
                 )
             )
     return handles

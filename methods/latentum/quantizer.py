@@ -6,7 +6,9 @@ projector's output (`output="embeddings"`, the spec) or pre-projector features f
 
 Each codebook keeps an EMA of its entries' share of assignments (`usage`); an entry whose share falls below
 `dead_threshold / N` is reset to a chunk of the current batch. Usage starts at 0, so the first training step puts
-every entry on a vector of its batch (data initialisation). EMA and resets run in training mode only."""
+every entry on a vector of its batch (data initialisation). EMA and resets run in training mode only. An entry is the
+trained parameter `codebook` plus the buffer `reset_offset` that resets write (`ProductQuantizer.table`): buffers keep
+what a forward writes under FSDP2, a gathered parameter does not."""
 
 from __future__ import annotations
 
@@ -33,6 +35,12 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _offset_of_older_weights(module: nn.Module, state: dict, prefix: str, *args: object) -> None:
+    """Weights saved before resets had an offset wrote the resets into `codebook`: their offset is zero."""
+    if prefix + "codebook" in state:
+        state.setdefault(prefix + "reset_offset", torch.zeros_like(state[prefix + "codebook"]))
+
+
 @dataclass
 class Quantized:
     z: Tensor  # [n, C, d]: the down MLP's output, in chunks
@@ -49,29 +57,37 @@ class ProductQuantizer(nn.Module):
         self.codebook = nn.Parameter(
             torch.randn(codebooks, entries, dim // codebooks) / (dim // codebooks) ** 0.5
         )
+        # Where dead-code resets moved each entry: an entry is codebook + reset_offset. Resets write this buffer, not
+        # the parameter: under FSDP2 the forward sees a gathered copy of the parameter, and writes to it are lost.
+        self.register_buffer("reset_offset", torch.zeros_like(self.codebook))
+        self.register_load_state_dict_pre_hook(_offset_of_older_weights)
         # Per codebook, the EMA of each entry's share of the assignments (each row sums to 1 once trained).
         self.register_buffer("usage", torch.zeros(codebooks, entries))
         self.ema_decay, self.dead_threshold = ema_decay, dead_threshold
 
     @property
     def codebooks(self) -> int:
-        return self.codebook.shape[0]
+        return self.usage.shape[0]
 
     @property
     def entries(self) -> int:
-        return self.codebook.shape[1]
+        return self.usage.shape[1]
+
+    def table(self) -> Tensor:
+        """The entries [C, N, d]: the trained parameter plus the resets' offsets (gradient to the parameter)."""
+        return self.codebook + self.reset_offset.to(self.codebook.dtype)
 
     def sq_distances(self, chunks: Tensor) -> Tensor:
         """[n, C, d] -> [n, C, N], in float32 whatever the autocast."""
         with torch.autocast(chunks.device.type, enabled=False):
-            chunks, codebook = chunks.float(), self.codebook.float()
+            chunks, codebook = chunks.float(), self.table().float()
             cross = torch.einsum("ncd,ckd->nck", chunks, codebook)
             squared = chunks.pow(2).sum(-1, keepdim=True) - 2 * cross + codebook.pow(2).sum(-1)
             return squared.clamp_min(0.0)
 
     def lookup(self, codes: Tensor) -> Tensor:
         """long [n, C] -> the entries [n, C, d]."""
-        return self.codebook[torch.arange(self.codebooks, device=codes.device), codes]
+        return self.table()[torch.arange(self.codebooks, device=codes.device), codes]
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
         """z [n, dim] -> (chunks, nearest entries, squared distances, codes, resets)."""
@@ -94,17 +110,20 @@ class ProductQuantizer(nn.Module):
     @torch.no_grad()
     def reset_dead(self, chunks: Tensor) -> int:
         """Dead entries (usage below dead_threshold / N) -> random chunks of this batch, with the uniform share
-        1 / N as their usage (a grace period); the main process's choice is broadcast to the others."""
+        1 / N as their usage (a grace period); the main process's choice is broadcast to the others. The parameter
+        keeps its value: the offset moves the entry (`table`), and the entry trains on from there."""
         dead = self.usage < self.dead_threshold / self.entries
         count = int(dead.sum())
         if count == 0:
             return 0
         codebook_index, entry_index = dead.nonzero(as_tuple=True)
         rows = torch.randint(chunks.shape[0], (count,), device=chunks.device)
-        self.codebook.data[codebook_index, entry_index] = chunks[rows, codebook_index].to(self.codebook.dtype)
+        chosen = chunks[rows, codebook_index].to(self.reset_offset.dtype)
+        current = self.codebook[codebook_index, entry_index].to(self.reset_offset.dtype)
+        self.reset_offset[codebook_index, entry_index] = chosen - current
         self.usage[codebook_index, entry_index] = 1.0 / self.entries
         if _world_size() > 1:
-            dist.broadcast(self.codebook.data, src=0)
+            dist.broadcast(self.reset_offset, src=0)
         return count
 
 
