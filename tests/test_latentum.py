@@ -221,6 +221,18 @@ def test_stage_quantizer_trains_the_quantizer_only(maze):
     assert 0.0 < report.usage <= 1.0 and 1.0 <= report.perplexity <= 64.0
 
 
+def test_the_layout_trains_the_observation_tags_the_model_writes_at_generation(maze):
+    method = Latentum(LatentumConfig())
+    method.setup(build_backbone(ModelSection(preset="tiny-qwen2.5-vl")))
+    samples = maze
+    layout = method.layout(samples[0], "language")
+    for tag in method.config.observation_tags:
+        tag_id = method.backbone.token_id(tag)
+        where = (layout.input_ids == tag_id).nonzero().flatten()
+        assert len(where) == len(samples[0].aux_images)  # one observation after every board
+        assert (layout.labels[where] == tag_id).all() and (layout.loss_weight[where] > 0).all()
+
+
 def test_a_text_backbone_is_a_one_line_error():
     backbone = build_backbone(ModelSection(preset="tiny-causal-lm"))
     with pytest.raises(ConfigError, match="model.preset=tiny-qwen2.5-vl") as caught:

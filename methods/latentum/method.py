@@ -197,7 +197,9 @@ class Latentum(Method):
         """The conversation with its auxiliary images inline (the assistant's response tokens are the answer
         positions); in stage vision followed by the generation blocks of its target images."""
         builder = LayoutBuilder(self.backbone)
-        render_chat(builder, sample, inline_aux_image, ResponseWeights(1.0, self.config.observation_tags))
+        # The model writes the whole response at generation, observation tags included, so they are targets too.
+        weights = ResponseWeights(1.0, self.config.observation_tags, train_observation_tags=True)
+        render_chat(builder, sample, inline_aux_image, weights)
         layout = builder.build(sample.sample_id, sample.dataset)
         if stage == "vision":
             return with_generation_blocks(layout, self.backbone.token_id(self.backbone.chat.vision_start))
