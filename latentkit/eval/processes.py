@@ -6,6 +6,7 @@ then, so an error on one process never leaves another waiting in a later collect
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -127,10 +128,16 @@ def _portable(error: Exception, index: int) -> Exception:
 
 def eval_processes(device: torch.device) -> Processes:
     """The processes of this eval. Under `accelerate launch` their process group is made on first use (gloo
-    for CPU evals, the GPU backend otherwise); alone, nothing is set up."""
+    for CPU evals, the GPU backend otherwise) and left at exit if nothing closed it before (a script calling
+    `latentkit.evaluate`); alone, nothing is set up."""
     from accelerate import PartialState
 
     state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1:
+        # A gloo group still alive while the interpreter shuts down can abort the process ("terminate called
+        # without an active exception"); registering the same function again adds nothing.
+        atexit.unregister(close_processes)
+        atexit.register(close_processes)
     return Processes(state.process_index, state.num_processes)
 
 
