@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from latentkit.methods.latentum.method import Latentum
+from latentkit.methods.latentum.pixels import encode_images
 from latentum_runs import load_run, run_parser
 from PIL import Image
 
@@ -44,9 +45,9 @@ def true_codes(method: Latentum, path: Path) -> torch.Tensor:
     backbone = method.backbone
     with Image.open(path) as image:
         processed = backbone.preprocess_image(image)
-    grid = torch.tensor([processed.grid_thw])
-    features = backbone.vision_features(processed.pixel_values.to(backbone.device), grid.to(backbone.device))
-    return method.quantizer.encode(features[0]).cpu()
+    pixels, grid = processed.pixel_values.to(backbone.device), torch.tensor([processed.grid_thw])
+    (encoded,) = encode_images(backbone, method.quantizer, pixels, grid.to(backbone.device))
+    return encoded.codes.cpu()
 
 
 def main() -> None:

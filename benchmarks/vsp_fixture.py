@@ -22,6 +22,12 @@ def write_fixture(synth_dir: Path, out: Path, split: str, limit: int) -> int:
     if maps.exists():
         raise SystemExit(f"{maps} exists: pass another --out (nothing was changed)")
     samples = load_split(synth_dir, split).samples[:limit]
+    unboarded = [sample.sample_id for sample in samples if not sample.metadata.get("board")]
+    if unboarded:  # checked before anything is written
+        raise SystemExit(
+            f"{synth_dir}: record {unboarded[0]} has no board in its metadata: pass a synth-maze folder "
+            "(latentkit data synth --task synth-maze)"
+        )
     for map_id, sample in enumerate(samples):
         rows = sample.metadata["board"]
         level = maps / f"level{len(rows)}"

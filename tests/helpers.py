@@ -28,6 +28,27 @@ FAST = [
 ]
 
 
+# Monet's three SFT stages, 2 steps each, on 11 samples: the striped caches give 2 processes unequal work (6 and 5
+# samples); stage vlpo (RL) is left out (sharded engines run supervised stages only).
+MONET_SFT_SHORT = [
+    "--method",
+    "monet",
+    "method.num_latents=2",
+    "data.synth.n_train=11",
+    "train.steps=2",
+    "train.checkpoint_every=1",
+    "train.batch_size=1",
+    "train.until=latent",
+]
+
+
+def assert_monet_sft_ran(run: Path) -> None:
+    """Both of Monet's caches were built and the three SFT stages logged their two steps each, in order."""
+    assert {m["cache"] for m in metrics(run) if m.get("event") == "cache_built"} == {"teacher", "targets"}
+    stages = [m["stage"] for m in metrics(run) if "loss" in m]
+    assert stages == ["warmup", "warmup", "distill", "distill", "latent", "latent"]
+
+
 def train_args(out: Path, name: str, *extra: str) -> list[str]:
     return ["train", f"run.output_dir={out}", f"run.name={name}", *FAST, *extra]
 

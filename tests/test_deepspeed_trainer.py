@@ -8,9 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import (
+    MONET_SFT_SHORT,
     REPO,
     accelerate_launch,
     assert_loads_in_transformers,
+    assert_monet_sft_ran,
     final_weights,
     kill_launch_when,
     metrics,
@@ -110,24 +112,12 @@ def test_monet_sft_stages_one_engine_per_stage_equal_ddp(tmp_path, stage):
     # three stages, each with its own engine and optimizer; the caches call submodules directly outside the
     # engine's forward, with unequal work (11 samples striped over 2 processes); under ZeRO-3 the module stays
     # partitioned between engines, and stage latent loads two earlier stages' final weights into it
-    monet = [
-        "--method",
-        "monet",
-        "method.num_latents=2",
-        "data.synth.n_train=11",
-        "train.steps=2",
-        "train.checkpoint_every=1",
-        "train.batch_size=1",
-        "train.until=latent",  # stage vlpo (RL) runs with DDP
-    ]
-    accelerate_launch(ZERO[stage], *train_args(tmp_path, "zero", *monet))
-    accelerate_launch(DDP, *train_args(tmp_path, "ddp", *monet))
+    accelerate_launch(ZERO[stage], *train_args(tmp_path, "zero", *MONET_SFT_SHORT))
+    accelerate_launch(DDP, *train_args(tmp_path, "ddp", *MONET_SFT_SHORT))
     run = tmp_path / "zero"
     if stage == 3:
         assert_partitioned(run)
-    assert {m["cache"] for m in metrics(run) if m.get("event") == "cache_built"} == {"teacher", "targets"}
-    stages = [m["stage"] for m in metrics(run) if "loss" in m]
-    assert stages == ["warmup", "warmup", "distill", "distill", "latent", "latent"]
+    assert_monet_sft_ran(run)
     zero = [m["loss"] for m in metrics(run) if "loss" in m]
     ddp = [m["loss"] for m in metrics(tmp_path / "ddp") if "loss" in m]
     assert zero == pytest.approx(ddp, rel=1e-5)

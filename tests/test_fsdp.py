@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    MONET_SFT_SHORT,
     REPO,
     accelerate_launch,
     assert_loads_in_transformers,
+    assert_monet_sft_ran,
     final_weights,
     kill_launch_when,
     latentkit,
@@ -79,25 +81,11 @@ def test_monet_pipeline_sharded_with_activation_checkpointing_equals_ddp(tmp_pat
         "fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"
     )
     checkpointing.write_text(text)
-    # 11 samples: the striped caches give the processes unequal work (6 and 5 samples).
-    monet = [
-        "--method",
-        "monet",
-        "method.num_latents=2",
-        "data.synth.n_train=11",
-        "train.steps=2",
-        "train.checkpoint_every=1",
-        "train.batch_size=1",
-        "train.until=latent",  # stage vlpo (RL) runs with DDP
-    ]
-    accelerate_launch(checkpointing, *train_args(tmp_path, "fsdp", *monet))
-    accelerate_launch(DDP, *train_args(tmp_path, "ddp", *monet))
+    accelerate_launch(checkpointing, *train_args(tmp_path, "fsdp", *MONET_SFT_SHORT))
+    accelerate_launch(DDP, *train_args(tmp_path, "ddp", *MONET_SFT_SHORT))
     run = tmp_path / "fsdp"
     assert_sharded(run)
-    built = {m["cache"] for m in metrics(run) if m.get("event") == "cache_built"}
-    assert built == {"teacher", "targets"}
-    stages = [m["stage"] for m in metrics(run) if "loss" in m]
-    assert stages == ["warmup", "warmup", "distill", "distill", "latent", "latent"]
+    assert_monet_sft_ran(run)
     assert relative_difference(final_weights(run), final_weights(tmp_path / "ddp")) < 1e-5
     assert_loads_in_transformers(run)
 

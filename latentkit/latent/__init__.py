@@ -17,6 +17,7 @@ from latentkit.latent.decode import (
     RepeatFirst,
     Transplant,
     Zeros,
+    varied_policy,
 )
 from latentkit.latent.fill import FilledLatents, fill_latents, fill_latents_reference, slot_positions
 
@@ -38,4 +39,5 @@ __all__ = [
     "fill_latents",
     "fill_latents_reference",
     "slot_positions",
+    "varied_policy",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -183,6 +183,20 @@ class ContinuousPolicy(Protocol):
     ) -> ContinuousPolicy: ...
 
 
+P = TypeVar("P", bound=ContinuousPolicy)
+
+
+def varied_policy(policy: P, k: int | None, force: bool | None, intervention: Intervention | None) -> P:
+    """`ContinuousPolicy.varied` for a dataclass policy: `k` and `force` kept where None, the intervention
+    replaced (None: none)."""
+    return replace(
+        policy,  # type: ignore[type-var]
+        k=policy.k if k is None else k,
+        force=policy.force if force is None else force,
+        intervention=intervention,
+    )
+
+
 @dataclass
 class LatentPolicy(DecodingPolicy):
     """Knobs: `k` latent steps per block (0: the start token is followed at once by the end token), `force` (the first generated token is the start token, so every
@@ -218,12 +232,7 @@ class LatentPolicy(DecodingPolicy):
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
     ) -> LatentPolicy:
-        return replace(
-            self,
-            k=self.k if k is None else k,
-            force=self.force if force is None else force,
-            intervention=intervention,
-        )
+        return varied_policy(self, k, force, intervention)
 
     def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
         self.forced_rows = [False] * len(prompts)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from latentkit.methods.latentum.code_head import CodeHead, GuidanceParams, sample_codes
@@ -36,11 +36,12 @@ from latentkit.methods.latentum.quantizer import MBAQ
 from latentkit.methods.latentum.targets import codes_to_inputs
 from latentkit.methods.latentum.vision import GENERATION
 from torch import Tensor
+from transformers import DynamicCache
 
 from latentkit.backbone import Backbone
 from latentkit.decoding import DecodingPolicy, Embeddings, Proposal, RowView, Step, Token, Trajectory
 from latentkit.errors import ConfigError
-from latentkit.latent import Intervention
+from latentkit.latent import Intervention, varied_policy
 from latentkit.layout import Kind, Layout
 from latentkit.masks import causal_mask
 
@@ -60,6 +61,9 @@ class _Imagining:
     codes: list[Tensor] = field(default_factory=list)  # [C] per drawn position
     inputs: list[Tensor] = field(default_factory=list)  # [D] per drawn position: the MBAQ decode of its codes
     phase: str = "draw"  # draw -> read (image-start fed again, understanding branch) -> end (image-end next)
+    unconditional_cache: object | None = (
+        None  # the generation block alone, for guidance: one position per draw
+    )
     seconds: float = 0.0
 
 
@@ -98,12 +102,7 @@ class ImaginePolicy(DecodingPolicy):
     def varied(
         self, k: int | None = None, force: bool | None = None, intervention: Intervention | None = None
     ) -> ImaginePolicy:
-        return replace(
-            self,
-            k=self.k if k is None else k,
-            force=self.force if force is None else force,
-            intervention=intervention,
-        )
+        return varied_policy(self, k, force, intervention)
 
     def begin(self, backbone: Backbone, prompts: list[Layout]) -> None:
         self.backbone = backbone
@@ -180,23 +179,26 @@ class ImaginePolicy(DecodingPolicy):
 
     def _unconditional(self, state: _Imagining) -> Tensor:
         """The generation block's last state [1, D] with the condition dropped: its start token and the positions
-        drawn so far alone, at their positions, through the generation branch."""
+        drawn so far alone, at their positions, through the generation branch. The block has its own KV cache,
+        so each draw feeds one position: the start token first, then the position drawn last."""
         backbone = self.backbone
         assert backbone is not None and state.positions is not None
-        start = backbone.embed(
-            torch.tensor([backbone.token_id(backbone.chat.vision_start)], device=backbone.device)
-        )
-        embeds = torch.cat([start, *(v[None].to(start) for v in state.inputs)])[None]
-        drawn = len(state.inputs)
-        start_position = torch.full((3, 1), state.start_position, device=backbone.device)
-        positions = torch.cat([start_position, state.positions[:, :drawn].to(backbone.device)], dim=1)[
-            :, None
-        ]
-        length = embeds.shape[1]
-        route = _route(True, length, backbone)[ROUTE][None]
+        device, drawn = backbone.device, len(state.inputs)
+        if drawn == 0:
+            new = backbone.embed(torch.tensor([backbone.token_id(backbone.chat.vision_start)], device=device))
+            position = torch.full((3, 1), state.start_position, device=device)
+            state.unconditional_cache = DynamicCache(config=backbone.hf_model().config)
+        else:
+            new = state.inputs[-1][None].to(backbone.model.get_input_embeddings().weight.dtype)
+            position = state.positions[:, drawn - 1 : drawn].to(device)
         out = backbone.forward(
-            embeds, positions, causal_mask(1, length, backbone.device), extras={ROUTE: route}
+            new[None],
+            position[:, None],
+            causal_mask(1, drawn + 1, device),
+            state.unconditional_cache,
+            extras={ROUTE: _route(True, 1, backbone)[ROUTE][None]},
         )
+        state.unconditional_cache = out.cache
         return out.last_hidden_state[:, -1]
 
     def end(self, trajectories: list[Trajectory]) -> None:

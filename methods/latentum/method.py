@@ -45,7 +45,7 @@ from latentkit.methods.latentum.pixels import (
     to_image,
 )
 from latentkit.methods.latentum.quantizer import MBAQ
-from latentkit.methods.latentum.targets import check_quantizer_trained
+from latentkit.methods.latentum.targets import check_quantizer_trained, quantizer_trained
 from latentkit.methods.latentum.vision import (
     generation_mask,
     unconditional_rows,
@@ -263,9 +263,8 @@ class Latentum(Method):
         """Teacher-forced channel check (`channel.py`): the gold response with its boards read as real images, as
         projector(z_q) of their true codes (`oracle`) and of dummy codes. None without a board in every sample or
         a trained quantizer."""
-        if not samples or not all(sample.has_aux_images for sample in samples):
-            return None
-        if not bool(self.quantizer.quantizer.usage.any()):
+        boards = bool(samples) and all(sample.has_aux_images for sample in samples)
+        if not boards or not quantizer_trained(self.quantizer):
             return None
         return channel_conditions(
             self.backbone,

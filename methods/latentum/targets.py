@@ -44,9 +44,14 @@ def write_images(embeds: Tensor, batch: Batch, images: list[Tensor]) -> Tensor:
     return embeds.masked_scatter(positions.unsqueeze(-1), torch.cat(images).to(embeds.dtype))
 
 
+def quantizer_trained(quantizer: MBAQ) -> bool:
+    """Whether stage quantizer fitted MBAQ's codebooks: their EMA usage is all zero until it runs."""
+    return bool(quantizer.quantizer.usage.any())
+
+
 def check_quantizer_trained(quantizer: MBAQ, stage: str) -> None:
-    """A stage that reads codes needs MBAQ's codebooks fitted: its EMA usage is all zero until stage quantizer."""
-    if not bool(quantizer.quantizer.usage.any()):
+    """A stage that reads codes needs MBAQ's codebooks fitted."""
+    if not quantizer_trained(quantizer):
         raise ConfigError(
             f"latentum stage {stage} reads images as MBAQ codes, but the quantizer was never trained (its codebook "
             "usage is all zero): run stage quantizer first (latentkit train --method latentum runs quantizer -> "

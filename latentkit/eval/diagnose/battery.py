@@ -112,8 +112,8 @@ def continuous_policy(method: Method) -> ContinuousPolicy:
     if not isinstance(policy, ContinuousPolicy):
         raise ConfigError(
             f"method {method.name!r} does not decode with continuous steps diagnose can vary (its policy is "
-            f"{type(policy).__name__}); diagnose needs a method whose decoding policy feeds hidden states back as "
-            "latents (a latentkit.latent.ContinuousPolicy: test-time K, forcing, interventions), such as monet"
+            f"{type(policy).__name__}); diagnose needs a method whose decoding policy is a "
+            "latentkit.latent.ContinuousPolicy (test-time K, forcing, interventions), such as monet's or latentum's"
         )
     return policy
 
